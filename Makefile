@@ -1,0 +1,39 @@
+# The two set-up commands of the README:
+#   make demo   create/reuse .venv, install, get the data, run the default job under mpiexec
+#   make test   create/reuse .venv, install, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+NP ?= 6
+# Where `make demo` imports MNIST/Fashion-MNIST from when the data root lacks them;
+# leave empty to download with torchvision instead.
+DATASETS ?= $(ALIGNFL_DATASETS)
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: install demo test data clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[mpich,test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+data: install
+	@for d in mnist fashion-mnist; do \
+	  if [ ! -d data/$$d ]; then \
+	    if [ -n "$(DATASETS)" ]; then $(BIN)/alignfl-mpi data import $(DATASETS)/$$d --dataset $$d || exit 1; \
+	    else $(BIN)/alignfl-mpi data download --dataset $$d || exit 1; fi; \
+	  fi; \
+	done
+
+demo: data
+	PATH=$(abspath $(BIN)):$$PATH mpiexec -n $(NP) $(BIN)/alignfl-mpi run $(ARGS)
+
+test: install
+	PATH=$(abspath $(BIN)):$$PATH $(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

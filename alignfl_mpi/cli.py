@@ -1,0 +1,169 @@
+"""The ``alignfl-mpi`` command line.
+
+Launch commands::
+
+    alignfl-mpi data import ../shared/datasets/mnist          # offline route
+    alignfl-mpi data download --dataset mnist fashion-mnist   # needs internet
+    alignfl-mpi partition --scheme class-pairs --outliers 600
+    mpiexec -n 6 alignfl-mpi run                              # 1 server + 5 clients
+    mpiexec -n 6 alignfl-mpi run --config run.toml --set rounds=3
+
+Every user error prints one line ``alignfl-mpi: error: ...`` and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .errors import AlignFLError
+
+log = logging.getLogger("alignfl_mpi")
+
+
+def _add_data_root(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-root", default=None,
+                   help="data root (default: $ALIGNFL_DATA_ROOT or ./data)")
+
+
+def _cmd_data_import(args: argparse.Namespace) -> int:
+    from .datasets import data_root, import_dataset
+
+    ds = import_dataset(args.dir, name=args.dataset, root=args.data_root)
+    print(f"imported {ds.info.name}: {len(ds.train_labels)} train + {len(ds.test_labels)} "
+          f"test images into {data_root(args.data_root) / ds.info.name}")
+    return 0
+
+
+def _cmd_data_download(args: argparse.Namespace) -> int:
+    from .datasets import data_root, download_dataset
+
+    for name in args.dataset:
+        ds = download_dataset(name, root=args.data_root)
+        print(f"downloaded {ds.info.name} into {data_root(args.data_root) / ds.info.name}")
+    return 0
+
+
+def _cmd_data_list(args: argparse.Namespace) -> int:
+    from .datasets import available, data_root
+
+    print(f"data root: {data_root(args.data_root)}")
+    for name, present in available(args.data_root).items():
+        print(f"  {name:<16}{'present' if present else 'missing'}")
+    return 0
+
+
+def _scheme_params(args: argparse.Namespace) -> dict:
+    params = {}
+    if args.per_class is not None:
+        params["per_class"] = args.per_class
+    if args.alpha is not None:
+        params["alpha"] = args.alpha
+    return params
+
+
+def _cmd_partition(args: argparse.Namespace) -> int:
+    import time
+
+    from .datasets import data_root
+    from .partition import PartitionRequest, default_partition_path, describe, make_partition
+
+    request = PartitionRequest(dataset=args.dataset, scheme=args.scheme,
+                               n_clients=args.clients, params=_scheme_params(args),
+                               n_outliers=args.outliers, outlier_dataset=args.outlier_dataset,
+                               outlier_client=args.outlier_client, seed=args.seed)
+    output = Path(args.output) if args.output else default_partition_path(
+        request, data_root(args.data_root))
+    start = time.perf_counter()
+    clients = make_partition(request, output=output, root=args.data_root, force=args.force)
+    print(describe(clients))
+    print(f"wrote {output} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .runtime import main_run
+
+    return main_run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``alignfl-mpi``."""
+    parser = argparse.ArgumentParser(prog="alignfl-mpi", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"alignfl-mpi {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="import, download or list datasets")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    p = dsub.add_parser("import", help="validate IDX files in DIR and copy them into the data root")
+    p.add_argument("dir", help="folder with the four IDX files (gzipped or plain)")
+    p.add_argument("--dataset", default=None,
+                   help="dataset name (guessed from the folder name when omitted)")
+    _add_data_root(p)
+    p.set_defaults(func=_cmd_data_import)
+    p = dsub.add_parser("download", help="download with torchvision (needs internet)")
+    p.add_argument("--dataset", nargs="+", default=["mnist", "fashion-mnist"])
+    _add_data_root(p)
+    p.set_defaults(func=_cmd_data_download)
+    p = dsub.add_parser("list", help="show which datasets are in the data root")
+    _add_data_root(p)
+    p.set_defaults(func=_cmd_data_list)
+
+    p = sub.add_parser("partition", help="split a dataset over clients into an HDF5 file")
+    p.add_argument("--dataset", default="mnist")
+    p.add_argument("--scheme", default="class-pairs",
+                   help="class-pairs (default), dirichlet or iid")
+    p.add_argument("--clients", type=int, default=5)
+    p.add_argument("--per-class", type=int, default=None,
+                   help="class-pairs: samples per class (default 6000)")
+    p.add_argument("--alpha", type=float, default=None, help="dirichlet: concentration (0.5)")
+    p.add_argument("--outliers", type=int, default=600,
+                   help="cross-domain outlier images (default 600; 0 for none)")
+    p.add_argument("--outlier-dataset", default=None,
+                   help="outlier domain (default: fashion-mnist for mnist and vice versa)")
+    p.add_argument("--outlier-client", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", "-o", default=None,
+                   help="output file (default DATA_ROOT/partitions/<settings>.h5)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    _add_data_root(p)
+    p.set_defaults(func=_cmd_partition)
+
+    p = sub.add_parser("run", help="run ALIGN-FL under mpiexec (rank 0 = server)")
+    p.add_argument("--config", "-c", default=None, help="TOML or YAML config file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set rounds=3 --set server.epochs=2")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--output", "-o", default=None, help="results directory (output.dir)")
+    p.add_argument("--rounds", type=int, default=None, help="shortcut for --set rounds=N")
+    p.add_argument("--seed", type=int, default=None, help="shortcut for --set seed=N")
+    _add_data_root(p)
+    verbosity = p.add_mutually_exclusive_group()
+    verbosity.add_argument("--quiet", "-q", action="store_true", help="warnings only")
+    verbosity.add_argument("--verbose", "-v", action="store_true", help="debug output")
+    p.set_defaults(func=_cmd_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: parse, dispatch, and turn user errors into one line and exit 2."""
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except AlignFLError as exc:
+        print(f"alignfl-mpi: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("alignfl-mpi: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
