@@ -151,7 +151,7 @@ def test_spectral_norm_bounds_singular_values(arch: str) -> None:
         raw = _matrix(layer.parametrizations.weight.original, transposed)
         sigma = torch.linalg.matrix_norm(_matrix(layer.weight, transposed), ord=2)
         assert torch.linalg.matrix_norm(raw, ord=2) > 2.0
-        assert 0.9 < sigma.item() <= 1.01
+        assert 0.9 < sigma.item() <= 1.02  # power iteration: ~1, not exact
 
 
 @pytest.mark.parametrize("arch", ["mlp", "conv"])

@@ -1,0 +1,188 @@
+"""A client: local VAE training on private data, and the update it shares.
+
+Plain PyTorch, no MPI. A client is stateful: it keeps its VAE and optimizer across
+rounds, and the server never overwrites them. After local training it fits a latent
+prior and shares only ``(decoder spec, decoder weights, prior)`` — never the encoder,
+never data (:func:`build_update` is the single place that decides what leaves).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import ClientConfig, ModelConfig
+from .models import ModelSpec, build_vae, vae_loss
+from .prior import GaussianMixturePrior, fit_gmm, standard_normal_prior
+
+log = logging.getLogger(__name__)
+
+
+def model_spec(cfg: ModelConfig) -> ModelSpec:
+    """The model-zoo spec of a model config."""
+    return ModelSpec(arch=cfg.arch, latent_dim=cfg.latent_dim, hidden=tuple(cfg.hidden),
+                     spectral_norm=cfg.spectral_norm)
+
+
+def round_seed(seed: int, role: int, round_: int) -> int:
+    """A seed derived from (run seed, role, round): rounds are reproducible on resume.
+
+    >>> round_seed(0, 1, 2) == round_seed(0, 1, 2) != round_seed(0, 1, 3)
+    True
+    """
+    return int(np.random.SeedSequence([seed, role, round_]).generate_state(1)[0])
+
+
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W) -> float32 (N, 1, H, W) in [0, 1]."""
+    return torch.from_numpy(images).unsqueeze(1).float().div_(255.0)
+
+
+@dataclass
+class LocalState:
+    """Everything a client keeps between rounds (and checkpoints)."""
+
+    client_id: int
+    cfg: ClientConfig
+    vae: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    rounds_done: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. the privacy accountant
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"client_id": self.client_id, "rounds_done": self.rounds_done,
+                "vae": self.vae.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "extra": self.extra}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.vae.load_state_dict(state["vae"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rounds_done = int(state["rounds_done"])
+        self.extra = dict(state.get("extra", {}))
+
+
+def new_local_state(client_id: int, cfg: ClientConfig, *, seed: int,
+                    device: torch.device) -> LocalState:
+    """A fresh client VAE (seeded per client) and its Adam optimizer."""
+    torch.manual_seed(round_seed(seed, 1000 + client_id, 0))
+    vae = build_vae(model_spec(cfg.model)).to(device)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
+    return LocalState(client_id=client_id, cfg=cfg, vae=vae, optimizer=optimizer, device=device)
+
+
+def train_epochs(vae: torch.nn.Module, optimizer: torch.optim.Optimizer, data: torch.Tensor, *,
+                 epochs: int, batch_size: int, kl_weight: float, generator: torch.Generator,
+                 device: torch.device, penalty: Any = None) -> dict[str, float]:
+    """Plain minibatch training; returns the mean loss terms of the last epoch.
+
+    Args:
+        penalty: Optional callable ``(vae, mu) -> (tensor, float)`` added to the loss
+            (the Lipschitz gradient penalty); its float is reported as ``penalty``.
+    """
+    vae.train()
+    n = len(data)
+    metrics: dict[str, float] = {}
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator)
+        sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0, "penalty": 0.0}
+        for start in range(0, n, batch_size):
+            x = data[order[start:start + batch_size]].to(device, non_blocking=True)
+            recon, mu, logvar = vae(x)
+            loss, rec, kl = vae_loss(recon, x, mu, logvar, kl_weight=kl_weight)
+            if penalty is not None:
+                pen, pen_value = penalty(vae, mu)
+                loss = loss + pen
+                sums["penalty"] += pen_value * len(x)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sums["loss"] += loss.item() * len(x)
+            sums["recon"] += rec.item() * len(x)
+            sums["kl"] += kl.item() * len(x)
+        metrics = {k: v / n for k, v in sums.items()}
+    return metrics
+
+
+@torch.no_grad()
+def latent_means(vae: torch.nn.Module, data: torch.Tensor, *, device: torch.device,
+                 batch_size: int = 2048) -> np.ndarray:
+    """Encoder means of ``data`` as float64 numpy (N, D)."""
+    was_training = vae.training
+    vae.eval()
+    out = [vae.encode(data[i:i + batch_size].to(device))[0].cpu()
+           for i in range(0, len(data), batch_size)]
+    vae.train(was_training)
+    return torch.cat(out).double().numpy()
+
+
+def fit_prior(state: LocalState, data: torch.Tensor, *, seed: int) -> GaussianMixturePrior:
+    """Fit the shared latent prior (a diagonal GMM) on the client's latent means."""
+    latents = latent_means(state.vae, data, device=state.device)
+    return fit_gmm(latents, n_components=state.cfg.prior_components, seed=seed)
+
+
+def decoder_arrays(vae: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The decoder's state dict as contiguous CPU numpy arrays."""
+    return {k: np.ascontiguousarray(v.detach().cpu().numpy())
+            for k, v in vae.decoder.state_dict().items()}
+
+
+@dataclass(frozen=True)
+class SharedUpdate:
+    """What leaves a client: decoder spec and weights, prior, and scalar metrics."""
+
+    spec: dict[str, Any]
+    state: dict[str, np.ndarray]
+    prior: dict[str, np.ndarray]
+    metrics: dict[str, float]
+
+
+def build_update(state: LocalState, prior: GaussianMixturePrior,
+                 metrics: dict[str, float]) -> SharedUpdate:
+    """The only function that decides what a client shares: no encoder, no data."""
+    spec = model_spec(state.cfg.model).to_dict()
+    return SharedUpdate(spec=spec, state=decoder_arrays(state.vae), prior=prior.to_arrays(),
+                        metrics={k: float(v) for k, v in metrics.items()})
+
+
+def run_local_round(state: LocalState, data: torch.Tensor, *, round_: int,
+                    seed: int) -> SharedUpdate:
+    """Train E local epochs from the client's own previous weights, fit the prior, share.
+
+    Seeds are derived from ``(seed, client, round)`` so a resumed run repeats a round exactly.
+    """
+    start = time.perf_counter()
+    rs = round_seed(seed, 1 + state.client_id, round_)
+    torch.manual_seed(rs)
+    generator = torch.Generator().manual_seed(rs)
+    cfg = state.cfg
+    if cfg.privacy.mode != "none":
+        from .privacy import train_private_round
+
+        metrics, prior = train_private_round(state, data, round_=round_, seed=rs,
+                                             generator=generator)
+    else:
+        penalty = None
+        if cfg.lipschitz.weight > 0:
+            from .lipschitz import make_penalty
+
+            penalty = make_penalty(cfg.lipschitz, generator=generator)
+        metrics = train_epochs(state.vae, state.optimizer, data, epochs=cfg.local_epochs,
+                               batch_size=cfg.batch_size, kl_weight=cfg.kl_weight,
+                               generator=generator, device=state.device, penalty=penalty)
+        prior = fit_prior(state, data, seed=rs)
+    state.rounds_done = round_ + 1
+    metrics["train_s"] = time.perf_counter() - start
+    metrics["n_samples"] = float(len(data))
+    return build_update(state, prior, metrics)
+
+
+def standard_prior_for(state: LocalState) -> GaussianMixturePrior:
+    """The data-independent fallback prior N(0, I)."""
+    return standard_normal_prior(state.cfg.model.latent_dim)

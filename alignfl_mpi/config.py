@@ -1,0 +1,437 @@
+"""Run configuration: frozen, keyword-only dataclasses loaded strictly from TOML or YAML.
+
+Every field is documented in its class docstring and in the README's config reference.
+Unknown keys and wrong types are errors that name the key. CLI ``--set a.b=value`` flags
+override the file; the resolved config is stored with the results.
+
+Example file (TOML)::
+
+    rounds = 3
+    [client]
+    local_epochs = 2
+    [[clients]]            # per-client overrides, one table per client (optional)
+    model = {arch = "conv", latent_dim = 4}
+    [server]
+    epochs = 5
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """A VAE from the model zoo.
+
+    Attributes:
+        arch: Registry name: ``mlp`` (the paper's) or ``conv``.
+        latent_dim: Latent dimension (the paper uses 2).
+        hidden: Layer widths (mlp) or channels (conv); empty for the architecture default.
+        spectral_norm: Spectrally normalise the decoder's layers.
+    """
+
+    arch: str = "mlp"
+    latent_dim: int = 2
+    hidden: tuple[int, ...] = ()
+    spectral_norm: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Which partition the clients train on.
+
+    Attributes:
+        partition: Partition HDF5 file. Empty: ``DATA_ROOT/partitions/<settings>.h5``,
+            created from the fields below when it does not exist yet.
+        data_root: Data root for datasets and default partitions (empty: ``--data-root``,
+            ``$ALIGNFL_DATA_ROOT`` or ``./data``).
+        dataset: In-domain dataset (``mnist`` or ``fashion-mnist``).
+        scheme: ``class-pairs``, ``dirichlet`` or ``iid``.
+        scheme_params: Scheme parameters, e.g. ``{per_class = 6000}`` or ``{alpha = 0.5}``.
+        outliers: Cross-domain outlier images placed on ``outlier_client``.
+        outlier_dataset: Outlier domain (empty: the other dataset).
+        outlier_client: Client that receives the outliers.
+        partition_seed: Seed of the partition.
+    """
+
+    partition: str = ""
+    data_root: str = ""
+    dataset: str = "mnist"
+    scheme: str = "class-pairs"
+    scheme_params: dict[str, Any] = field(default_factory=dict)
+    outliers: int = 600
+    outlier_dataset: str = ""
+    outlier_client: int = 0
+    partition_seed: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrivacyConfig:
+    """DP-SGD on the client (Opacus).
+
+    Attributes:
+        mode: ``none``, ``decoder`` (only the decoder is privatised) or ``full`` (the VAE).
+        epsilon: Target epsilon for the whole run (all rounds x local epochs x steps).
+        delta: Target delta.
+        clipping: ``adaptive`` (quantile clipping of Andrew et al. 2019, accounted),
+            ``median`` (the reference code's rule: bound = median per-sample norm of the
+            batch; NOT covered by the accountant) or ``flat`` (fixed ``max_grad_norm``).
+        max_grad_norm: Fixed clip bound (flat) or initial bound (adaptive).
+        target_quantile: Adaptive clipping: quantile of norms the bound tracks.
+        clipbound_lr: Adaptive clipping: geometric learning rate of the bound.
+        count_noise_multiplier: Adaptive clipping: noise multiplier of the clipped count.
+        accountant: ``rdp`` (default) or ``prv``; the other is reported as a cross-check.
+        prior: In DP modes, ``dp`` (noisy sufficient statistics, budget share
+            ``prior_epsilon_fraction``) or ``standard`` (data-independent N(0, I)).
+        prior_epsilon_fraction: Share of epsilon spent on the prior when ``prior = "dp"``.
+    """
+
+    mode: str = "none"
+    epsilon: float = 10.0
+    delta: float = 1e-5
+    clipping: str = "adaptive"
+    max_grad_norm: float = 1.0
+    target_quantile: float = 0.5
+    clipbound_lr: float = 0.2
+    count_noise_multiplier: float = 10.0
+    accountant: str = "rdp"
+    prior: str = "dp"
+    prior_epsilon_fraction: float = 0.1
+
+
+@dataclass(frozen=True, kw_only=True)
+class LipschitzConfig:
+    """Lipschitz regularisation of the client's decoder.
+
+    Attributes:
+        weight: lambda_lip, the weight of the gradient penalty (0 disables it).
+        form: ``two-sided``: (||grad_z D(z)|| - 1)^2 as in the reference code, or
+            ``hinge``: max(0, ||grad_z D(z)|| - target)^2.
+        target: The hinge's Lipschitz target K.
+    """
+
+    weight: float = 0.0
+    form: str = "two-sided"
+    target: float = 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientConfig:
+    """One client's model and local training.
+
+    Attributes:
+        model: The client's VAE (clients may differ).
+        device: ``auto`` (``cuda:{local_rank % n_gpus}`` if CUDA is present, else ``cpu``),
+            ``cpu``, ``cuda`` or ``cuda:N``.
+        local_epochs: Local epochs per round (the paper uses 10).
+        batch_size: Local batch size.
+        lr: Adam learning rate.
+        kl_weight: Weight of the KL term (lambda_kl).
+        prior_components: Components of the shared diagonal Gaussian-mixture prior.
+        privacy: DP-SGD settings.
+        lipschitz: Decoder Lipschitz regularisation.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    device: str = "auto"
+    local_epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    kl_weight: float = 1.0
+    prior_components: int = 10
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    lipschitz: LipschitzConfig = field(default_factory=LipschitzConfig)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    """The stateful server.
+
+    Attributes:
+        model: The global VAE trained on synthetic data.
+        device: As for clients; ``auto`` puts the server on ``cuda:0`` when present.
+        samples_per_client: Synthetic images drawn from each client's decoder per round.
+        epochs: Server epochs per round on the pooled synthetic data.
+        batch_size: Server batch size.
+        lr: Adam learning rate of the global VAE.
+        kl_weight: KL weight of the global VAE.
+        round_deadline_s: Seconds to wait for client updates each round; 0 waits for all.
+            A client that misses it is a straggler and its stored decoder is used.
+        max_message_mb: Largest accepted message; larger ones are rejected.
+        final_drain_s: At the end, seconds to wait for stragglers' late messages.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    device: str = "auto"
+    samples_per_client: int = 1000
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    kl_weight: float = 1.0
+    round_deadline_s: float = 0.0
+    max_message_mb: float = 64.0
+    final_drain_s: float = 60.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputConfig:
+    """Where results go (written by rank 0 only).
+
+    Attributes:
+        dir: Run directory: ``results.h5``, ``checkpoints/`` and ``png/``.
+        save_synthetic: Store each round's synthetic dataset (gzip) in the results.
+        png: Write PNG sample grids every round.
+        checkpoint: Checkpoint every round (needed for ``--resume``).
+    """
+
+    dir: str = "runs/alignfl"
+    save_synthetic: bool = False
+    png: bool = True
+    checkpoint: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """A whole run.
+
+    Attributes:
+        seed: Seed of models, sampling and shuffling.
+        rounds: Federated rounds.
+        n_clients: Number of clients; the world size must be ``n_clients + 1``.
+        data: The partition.
+        client: Defaults for every client.
+        clients: Per-client overrides (tables with any ``client`` keys), one per client.
+        server: The server.
+        output: The results.
+    """
+
+    seed: int = 0
+    rounds: int = 5
+    n_clients: int = 5
+    data: DataConfig = field(default_factory=DataConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    clients: tuple[dict[str, Any], ...] = ()
+    server: ServerConfig = field(default_factory=ServerConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def client_config(self, client_id: int) -> ClientConfig:
+        """The resolved config of one client: ``client`` with its override applied."""
+        base = to_dict(self.client)
+        if self.clients:
+            base = _merge(base, self.clients[client_id])
+        return from_dict(ClientConfig, base, where=f"clients[{client_id}]")
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {where!r} must be a table, got {value!r}")
+        return from_dict(tp, value, where=where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {where!r} must be a list, got {value!r}")
+        item = typing.get_args(tp)[0]
+        return tuple(_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {where!r} must be a table, got {value!r}")
+        return dict(value)
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if type(value) is not tp:
+            raise ConfigError(f"config key {where!r} must be {_type_name(tp)}, "
+                              f"got {type(value).__name__} {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], *, where: str = "") -> Any:
+    """Build a config dataclass from a dict, refusing unknown keys and wrong types.
+
+    >>> from_dict(ModelConfig, {"arch": "conv", "latent_dim": 4}).latent_dim
+    4
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{where}.{key}" if where else key
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown config key {name!r}{hint}; valid keys here: "
+                              f"{', '.join(fields)}")
+        kwargs[key] = _convert(value, hints[key], name)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> Any:
+    """A JSON-safe dict of a config (tuples become lists)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def to_json(cfg: Any) -> str:
+    """The config as sorted JSON (stored with the results)."""
+    return json.dumps(to_dict(cfg), sort_keys=True)
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a TOML (``.toml``) or YAML (``.yaml``/``.yml``) file into a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    text = path.read_text()
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"{path}: unknown config format {suffix!r}; use .toml or .yaml")
+    except (tomllib.TOMLDecodeError, ValueError) as exc:
+        raise ConfigError(f"{path}: invalid syntax: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # yaml.YAMLError has no common base we can name without yaml
+        if type(exc).__module__.startswith("yaml"):
+            raise ConfigError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
+        raise
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a table of keys")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``a.b=value``; the value is read as TOML, else taken as a string.
+
+    >>> parse_override("server.epochs=3")
+    (['server', 'epochs'], 3)
+    >>> parse_override("client.device=cpu")
+    (['client', 'device'], 'cpu')
+    """
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set rounds=3")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set a dotted key in a nested dict; numeric parts index the ``clients`` list."""
+    node: Any = data
+    for i, part in enumerate(path[:-1]):
+        if isinstance(node, list):
+            node = node[int(part)]
+            continue
+        if path[i + 1].isdigit():
+            node = node.setdefault(part, [])
+            idx = int(path[i + 1])
+            while len(node) <= idx:
+                node.append({})
+            continue
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {'.'.join(path)}: {part!r} is not a table")
+    if isinstance(node, list):
+        node[int(path[-1])] = value
+    else:
+        node[path[-1]] = value
+
+
+def load_config(path: str | os.PathLike | None = None, *,
+                overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a config file (or the built-in default), apply overrides and validate.
+
+    Raises:
+        ConfigError: The file, a key, a type or a value is invalid.
+    """
+    data = read_config_file(path) if path else {}
+    for text in overrides:
+        key_path, value = parse_override(text)
+        apply_override(data, key_path, value)
+    cfg = from_dict(RunConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def _positive(where: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"config key {where!r} must be {'>= 0' if allow_zero else '> 0'}, "
+                          f"got {value}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Value checks that types alone cannot express."""
+    _positive("rounds", cfg.rounds)
+    _positive("n_clients", cfg.n_clients)
+    if cfg.clients and len(cfg.clients) != cfg.n_clients:
+        raise ConfigError(f"config has {len(cfg.clients)} [[clients]] tables but n_clients = "
+                          f"{cfg.n_clients}; give one table per client or none")
+    for k in range(cfg.n_clients):
+        c = cfg.client_config(k)
+        where = f"clients[{k}]" if cfg.clients else "client"
+        for name in ("local_epochs", "batch_size", "prior_components"):
+            _positive(f"{where}.{name}", getattr(c, name))
+        _positive(f"{where}.lr", c.lr)
+        _positive(f"{where}.kl_weight", c.kl_weight, allow_zero=True)
+        _check_device(f"{where}.device", c.device)
+    s = cfg.server
+    for name in ("samples_per_client", "epochs", "batch_size"):
+        _positive(f"server.{name}", getattr(s, name))
+    _positive("server.lr", s.lr)
+    _positive("server.round_deadline_s", s.round_deadline_s, allow_zero=True)
+    _positive("server.max_message_mb", s.max_message_mb)
+    _check_device("server.device", s.device)
+    if not 0 <= cfg.data.outlier_client < cfg.n_clients:
+        raise ConfigError(f"data.outlier_client {cfg.data.outlier_client} is out of range "
+                          f"0..{cfg.n_clients - 1}")
+
+
+def _check_device(where: str, device: str) -> None:
+    if device in ("auto", "cpu", "cuda") or (device.startswith("cuda:")
+                                             and device[5:].isdigit()):
+        return
+    raise ConfigError(f"config key {where!r}: unknown device {device!r}; use auto, cpu, "
+                      "cuda or cuda:N")
