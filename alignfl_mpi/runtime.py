@@ -1,0 +1,510 @@
+"""The server and client loops of ``alignfl-mpi run``, over a :class:`Transport`.
+
+Launch::
+
+    mpiexec -n 6 alignfl-mpi run                        # 1 server + 5 clients, paper setup
+    mpiexec -n 6 alignfl-mpi run --config run.toml --resume
+
+Protocol, one round ``r`` (server side / client side)::
+
+    server_start:   START(ok | reason)  ->  client_start: load partition group, build VAE
+    server_round:   TRAIN(r)            ->  client_round: E local epochs, fit prior
+                    <- UPDATE(r) | ERROR   (decoder spec + weights + prior, never encoder/data)
+                    sample, train global VAE, evaluate, write results, checkpoint
+    server_stop:    STOP                ->  client_stop
+
+A client that raises sends ERROR (rank, host, traceback) and the server counts a failure
+for that client and round. A client that misses ``server.round_deadline_s`` is a
+straggler: the server goes on with its stored decoder and takes the late UPDATE later.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .client import (LocalState, SharedUpdate, images_to_tensor, new_local_state,
+                     run_local_round)
+from .config import RunConfig, load_config, to_dict, to_json
+from .datasets import data_root as resolve_data_root
+from .errors import AlignFLError, ConfigError
+from .messages import (DecoderUpdate, RemoteError, StartInstruction, Stop, Tag,
+                       TrainInstruction)
+from .results import RESULTS_NAME, ResultsWriter
+from .schema import CHECKPOINT_NAME, read_client, read_partition_info, read_split
+
+log = logging.getLogger("alignfl_mpi")
+
+
+# --- set-up ---------------------------------------------------------------------------
+def setup_logging(rank: int, *, quiet: bool = False, verbose: bool = False) -> None:
+    """``[rank N]``-prefixed logging; rank 0 at INFO, clients at WARNING unless verbose."""
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    if rank != 0 and not verbose:
+        level = max(level, logging.WARNING)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(message)s"
+                                           if verbose else f"[rank {rank}] %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def set_threads(local_size: int) -> int:
+    """One share of the node's cores per rank, unless ``OMP_NUM_THREADS`` is set."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    n = max(1, (os.cpu_count() or 1) // max(1, local_size))
+    torch.set_num_threads(n)
+    return n
+
+
+def pick_device(spec: str, *, local_rank: int) -> torch.device:
+    """``auto`` -> ``cuda:{local_rank % n_gpus}`` when CUDA is present, else the CPU.
+
+    Raises:
+        ConfigError: A CUDA device is requested on a host without it.
+    """
+    if spec == "auto":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return torch.device(f"cuda:{local_rank % n}") if n else torch.device("cpu")
+    if spec.startswith("cuda"):
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(spec[5:]) if ":" in spec else 0
+        if index >= n:
+            raise ConfigError(f"device {spec!r} requested but {socket.gethostname()} has "
+                              f"{n} CUDA device(s); use device = \"auto\" or \"cpu\"")
+    return torch.device(spec)
+
+
+def resolve_config(args: Any) -> RunConfig:
+    """The config file (or default), ``--set`` overrides, then the shortcut flags."""
+    overrides = list(args.set or [])
+    if args.rounds is not None:
+        overrides.append(f"rounds={args.rounds}")
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    if args.output:
+        overrides.append(f"output.dir={_toml_str(args.output)}")
+    if args.data_root:
+        overrides.append(f"data.data_root={_toml_str(args.data_root)}")
+    return load_config(args.config, overrides=overrides)
+
+
+def _toml_str(text: str) -> str:
+    return '"' + str(text).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def partition_path(cfg: RunConfig) -> Path:
+    """The configured partition file, or the default one under the data root."""
+    from .partition import PartitionRequest, default_partition_path
+
+    if cfg.data.partition:
+        return Path(cfg.data.partition)
+    return default_partition_path(partition_request(cfg), resolve_data_root(cfg.data.data_root or None))
+
+
+def partition_request(cfg: RunConfig) -> Any:
+    from .partition import PartitionRequest
+
+    d = cfg.data
+    return PartitionRequest(dataset=d.dataset, scheme=d.scheme, n_clients=cfg.n_clients,
+                            params=dict(d.scheme_params), n_outliers=d.outliers,
+                            outlier_dataset=d.outlier_dataset or None,
+                            outlier_client=d.outlier_client, seed=d.partition_seed)
+
+
+def run_paths(cfg: RunConfig) -> tuple[Path, Path, Path]:
+    """``(results file, checkpoint folder, png folder)`` of a run."""
+    out = Path(cfg.output.dir)
+    return out / RESULTS_NAME, out / "checkpoints", out / "png"
+
+
+# --- entry point ----------------------------------------------------------------------
+def main_run(args: Any) -> int:
+    """``alignfl-mpi run``: rank 0 runs the server, ranks 1..N the clients."""
+    from .transport import Transport, comm_world, node_local
+
+    comm = comm_world()
+    rank, size = comm.Get_rank(), comm.Get_size()
+    local_rank, local_size = node_local(comm)
+    setup_logging(rank, quiet=args.quiet, verbose=args.verbose)
+    set_threads(local_size)
+    try:
+        cfg = resolve_config(args)
+        if size != cfg.n_clients + 1:
+            raise ConfigError(f"world size {size} does not match the config: {cfg.n_clients} "
+                              f"clients need {cfg.n_clients + 1} ranks (mpiexec -n "
+                              f"{cfg.n_clients + 1}), or set n_clients = {size - 1}")
+    except AlignFLError:
+        if rank == 0:
+            raise  # the CLI prints it once; the other ranks exit quietly with the same status
+        return 2
+    transport = Transport(comm, max_message_bytes=int(cfg.server.max_message_mb * 2**20))
+    if rank == 0:
+        return Server(transport, cfg, resume=args.resume, local_rank=local_rank).run()
+    return ClientLoop(transport, cfg, resume=args.resume, local_rank=local_rank).run()
+
+
+# --- client side ----------------------------------------------------------------------
+class ClientLoop:
+    """A client rank: waits for instructions and answers each TRAIN with UPDATE or ERROR."""
+
+    def __init__(self, transport: Any, cfg: RunConfig, *, resume: bool, local_rank: int) -> None:
+        self.transport = transport
+        self.cfg = cfg
+        self.rank = transport.rank
+        self.client_id = self.rank - 1
+        self.resume = resume
+        self.local_rank = local_rank
+        self.state: LocalState | None = None
+        self.data: torch.Tensor | None = None
+        self.setup_error: BaseException | None = None
+        _, ckpt_dir, _ = run_paths(cfg)
+        self.ckpt_dir = ckpt_dir / f"client_{self.client_id}"
+
+    def run(self) -> int:
+        start = self.client_start()
+        if not start.ok:
+            return 2
+        while True:
+            rcv = self.transport.recv(source=0)
+            if rcv is None:
+                continue
+            if not rcv.ok:
+                log.warning("bad message from the server ignored: %s", rcv.error)
+                continue
+            if rcv.tag == Tag.STOP:
+                return 0
+            if rcv.tag == Tag.TRAIN:
+                self.client_round(rcv.payload)
+
+    def client_start(self) -> StartInstruction:
+        rcv = self.transport.recv(source=0, tag=Tag.START)
+        start = rcv.payload if rcv.ok else StartInstruction(ok=False, reason=str(rcv.error))
+        if not start.ok:
+            return start
+        try:
+            ccfg = self.cfg.client_config(self.client_id)
+            device = pick_device(ccfg.device, local_rank=self.local_rank)
+            part = read_client(partition_path(self.cfg), self.client_id)
+            self.data = images_to_tensor(part.images)
+            self.state = new_local_state(self.client_id, ccfg, seed=self.cfg.seed, device=device)
+            self.state.extra["total_rounds"] = self.cfg.rounds
+            log.info("client %d on %s, device %s, %d samples (%d outliers)", self.client_id,
+                     socket.gethostname(), device, len(part.labels), int(part.outlier.sum()))
+        except Exception as exc:  # reported to the server with every TRAIN
+            self.setup_error = exc
+            log.error("client %d set-up failed: %s", self.client_id, exc)
+        return start
+
+    def client_round(self, instruction: TrainInstruction) -> None:
+        r = instruction.round
+        try:
+            if self.setup_error is not None:
+                raise self.setup_error
+            assert self.state is not None and self.data is not None
+            if self.resume:
+                self._load_checkpoint(before_round=r)
+                self.resume = False
+            update = self.local_train(r)
+            if self.cfg.output.checkpoint:
+                self._save_checkpoint()
+            payload = DecoderUpdate(round=r, client_id=self.client_id, spec=update.spec,
+                                    state=update.state, prior=update.prior,
+                                    metrics=update.metrics)
+        except Exception as exc:
+            log.error("client %d failed in round %d: %s", self.client_id, r, exc)
+            err = RemoteError.from_exception(exc, rank=self.rank, round=r)
+            self.transport.send(0, Tag.ERROR, err.to_message())
+            return
+        self.transport.send(0, Tag.UPDATE, payload.to_message())
+
+    def local_train(self, round_: int) -> SharedUpdate:
+        """One round of local training (tests replace this to inject faults)."""
+        assert self.state is not None and self.data is not None
+        return run_local_round(self.state, self.data, round_=round_, seed=self.cfg.seed)
+
+    def _save_checkpoint(self) -> None:
+        assert self.state is not None
+        done = self.state.rounds_done
+        save_checkpoint(self.ckpt_dir / f"round_{done:04d}.ckpt", self.state.state_dict())
+        for old in sorted(self.ckpt_dir.glob("round_*.ckpt"))[:-2]:
+            old.unlink()
+
+    def _load_checkpoint(self, *, before_round: int) -> None:
+        """Load the newest local checkpoint taken at or before the start of ``before_round``."""
+        assert self.state is not None
+        candidates = [p for p in sorted(self.ckpt_dir.glob("round_*.ckpt"))
+                      if int(p.stem.split("_")[1]) <= before_round]
+        if not candidates:
+            if before_round > 0:
+                raise AlignFLError(f"client {self.client_id}: no checkpoint in {self.ckpt_dir} "
+                                   f"for round {before_round}; cannot resume")
+            return
+        self.state.load_state_dict(load_checkpoint(candidates[-1]))
+        log.info("client %d resumed from %s", self.client_id, candidates[-1].name)
+
+
+# --- server side ----------------------------------------------------------------------
+@dataclass
+class RoundRecord:
+    """What the server learned about each client in one round."""
+
+    clients: dict[int, dict[str, Any]] = field(default_factory=dict)
+    comm_bytes: int = 0
+
+
+class Server:
+    """Rank 0: the stateful server. Owns all results, checkpoints, logs and PNGs."""
+
+    def __init__(self, transport: Any, cfg: RunConfig, *, resume: bool, local_rank: int) -> None:
+        self.transport = transport
+        self.cfg = cfg
+        self.resume = resume
+        self.local_rank = local_rank
+        self.n = cfg.n_clients
+        self.busy: dict[int, int] = {}  # client id -> round it is working on
+        self.results_path, self.ckpt_dir, self.png_dir = run_paths(cfg)
+
+    # -- start ----------------------------------------------------------------------
+    def run(self) -> int:
+        try:
+            self.server_start()
+        except BaseException as exc:
+            reason = str(exc) if isinstance(exc, AlignFLError) else f"server set-up failed: {exc}"
+            self._broadcast(StartInstruction(ok=False, reason=reason))
+            raise
+        self._broadcast(StartInstruction(ok=True))
+        try:
+            for r in range(self.start_round, self.cfg.rounds):
+                self.server_round(r)
+            self.server_stop()
+        except BaseException as exc:
+            log.error("server failed: %s", exc)
+            from .transport import finalize_abort
+
+            logging.getLogger().handlers[0].flush()
+            if isinstance(exc, AlignFLError):
+                import sys
+
+                print(f"alignfl-mpi: error: {exc}", file=sys.stderr, flush=True)
+                finalize_abort(self.transport.comm, 2)
+            raise
+        return 0
+
+    def _broadcast(self, payload: Any) -> None:
+        for client in range(self.n):
+            self.transport.send(client + 1, payload.TAG, payload.to_message())
+
+    def server_start(self) -> None:
+        from .evaluation import latent_classification  # noqa: F401  (fail early on import)
+        from .partition import make_partition
+        from .server import ServerState
+
+        cfg = self.cfg
+        path = partition_path(cfg)
+        if not path.exists():
+            if cfg.data.partition:
+                raise ConfigError(f"partition file {path} not found; create it with "
+                                  "'alignfl-mpi partition' or fix data.partition")
+            log.info("creating partition %s", path)
+            make_partition(partition_request(cfg), output=path,
+                           root=cfg.data.data_root or None)
+        self.partition = read_partition_info(path, expected_clients=self.n)
+        self.test_images, self.test_labels = read_split(path)
+        self.device = pick_device(cfg.server.device, local_rank=self.local_rank)
+        self.state = ServerState(cfg, device=self.device)
+        self.start_round = 0
+        if self.resume:
+            ckpt = load_checkpoint(self.ckpt_dir / CHECKPOINT_NAME)
+            self.state.load_state_dict(ckpt["server"])
+            set_rng_state(ckpt["rng"])
+            self.start_round = self.state.rounds_done
+            log.info("resuming after round %d", self.start_round - 1)
+        attrs = {"partition": str(path), "n_clients": self.n, "world_size": self.n + 1,
+                 "partition_attrs": {k: self.partition.attrs[k] for k in
+                                     ("dataset", "outlier_dataset", "scheme", "scheme_params",
+                                      "seed", "n_outliers", "outlier_client", "source_sha256",
+                                      "client_sizes")},
+                 "server_host": socket.gethostname(), "server_device": str(self.device)}
+        self.writer = ResultsWriter(self.results_path, config_json=to_json(cfg), attrs=attrs,
+                                    resume_from_round=self.start_round if self.resume else None)
+        self.evaluator = self._make_evaluator()
+        log.info("server on %s, device %s; %d clients, %d rounds, partition %s",
+                 socket.gethostname(), self.device, self.n, cfg.rounds, path)
+
+    def _make_evaluator(self) -> Any:
+        from .assess import RoundEvaluator
+
+        return RoundEvaluator(cfg=self.cfg, partition=self.partition.path,
+                              test_images=self.test_images, test_labels=self.test_labels,
+                              device=self.device, png_dir=self.png_dir if self.cfg.output.png
+                              else None)
+
+    # -- one round --------------------------------------------------------------------
+    def server_round(self, r: int) -> None:
+        cfg = self.cfg
+        t_round = time.perf_counter()
+        record = RoundRecord()
+        deadline = cfg.server.round_deadline_s or None
+        asked = [c for c in range(self.n) if c not in self.busy]
+        for c in range(self.n):
+            if c in self.busy:
+                record.clients[c] = {"status": "straggler", "busy_round": self.busy[c]}
+        instruction = TrainInstruction(round=r, deadline_s=deadline)
+        for c in asked:
+            self.transport.send(c + 1, Tag.TRAIN, instruction.to_message())
+            self.busy[c] = r
+        self.collect(r, record, deadline=deadline)
+        t_collect = time.perf_counter() - t_round
+        for c in range(self.n):
+            if self.busy.get(c) == r:
+                record.clients[c] = {"status": "straggler", "busy_round": r}
+                log.warning("round %d: client %d missed the %.1f s deadline; using its stored "
+                            "decoder", r, c, deadline or 0)
+
+        t0 = time.perf_counter()
+        images, labels = self.state.sample_synthetic(round_=r)
+        t_sampling = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if len(images):
+            server_metrics = self.state.train_global(images, round_=r)
+        else:
+            log.warning("round %d: no decoder stored yet; the global model is not trained", r)
+            server_metrics = {"n_synthetic": 0.0}
+        t_server = time.perf_counter() - t0
+        self.state.rounds_done = r + 1
+
+        t0 = time.perf_counter()
+        evaluation = self.evaluator.evaluate(self.state, round_=r)
+        t_eval = time.perf_counter() - t0
+
+        train_times = [v.get("train_s", 0.0) for v in record.clients.values()
+                       if v.get("status") in ("ok", "late")]
+        t_client = max(train_times, default=0.0)
+        timings = {"client_training": t_client,
+                   "communication": max(0.0, t_collect - t_client),
+                   "collect": t_collect, "sampling": t_sampling, "server_training": t_server,
+                   "evaluation": t_eval}
+        t0 = time.perf_counter()
+        synthetic = None
+        if cfg.output.save_synthetic and len(images):
+            from .evaluation import to_uint8_images
+
+            synthetic = (to_uint8_images(images.cpu()), labels.numpy())
+        timings["io"] = 0.0
+        timings["round"] = time.perf_counter() - t_round
+        self.writer.write_round(r, clients=record.clients, server=server_metrics,
+                                evaluation=evaluation, timings=timings, synthetic=synthetic)
+        if cfg.output.checkpoint:
+            save_checkpoint(self.ckpt_dir / CHECKPOINT_NAME,
+                            {"server": self.state.state_dict(), "rng": rng_state(),
+                             "round": r, "version": __version__})
+        timings["io"] = time.perf_counter() - t0
+        timings["round"] = time.perf_counter() - t_round
+        self.writer.update_timings(r, timings)  # now including the I/O of this round
+        self._progress(r, record, server_metrics, evaluation, timings)
+
+    def collect(self, r: int, record: RoundRecord, *, deadline: float | None) -> None:
+        """Receive updates until every client asked in round ``r`` answered or time is up."""
+        end = None if deadline is None else time.monotonic() + deadline
+        while any(v == r for v in self.busy.values()):
+            timeout = None if end is None else max(0.0, end - time.monotonic())
+            rcv = self.transport.recv(timeout=timeout)
+            if rcv is None:
+                return
+            self.handle(rcv, r, record)
+
+    def handle(self, rcv: Any, r: int, record: RoundRecord) -> None:
+        """Take one message from a client: store its decoder, or count its failure."""
+        c = rcv.source - 1
+        if not 0 <= c < self.n:
+            log.warning("round %d: message from unexpected rank %d ignored", r, rcv.source)
+            return
+        was_round = self.busy.pop(c, None)
+        record.comm_bytes += rcv.nbytes
+        late = was_round is not None and was_round != r
+        entry: dict[str, Any] = {"message_bytes": rcv.nbytes}
+        if not rcv.ok:
+            entry.update(status="rejected", error=str(rcv.error))
+            log.warning("round %d: rejected message from client %d: %s", r, c, rcv.error)
+        elif rcv.tag == Tag.ERROR:
+            err: RemoteError = rcv.payload
+            entry.update(status="error", error=err.summary(), traceback=err.traceback)
+            log.warning("round %d: client %d failed: %s", r, c, err.summary())
+        elif rcv.tag == Tag.UPDATE:
+            upd: DecoderUpdate = rcv.payload
+            try:
+                if upd.client_id != c:
+                    raise AlignFLError(f"update claims client {upd.client_id} but came from "
+                                       f"rank {rcv.source}")
+                self.state.accept(c, spec=upd.spec, state=upd.state, prior=upd.prior,
+                                  round_=upd.round, metrics=upd.metrics)
+                entry.update(upd.metrics)
+                entry.update(status="late" if late else "ok", update_round=upd.round)
+                if late:
+                    log.info("round %d: late update of client %d for round %d accepted",
+                             r, c, upd.round)
+            except AlignFLError as exc:
+                entry.update(status="rejected", error=str(exc))
+                log.warning("round %d: rejected update from client %d: %s", r, c, exc)
+        else:
+            entry.update(status="rejected", error=f"unexpected tag {rcv.tag!r}")
+        record.clients[c] = entry
+
+    def _progress(self, r: int, record: RoundRecord, server: dict[str, Any],
+                  evaluation: dict[str, Any], timings: dict[str, float]) -> None:
+        ok = sum(1 for v in record.clients.values() if v.get("status") in ("ok", "late"))
+        parts = [f"round {r + 1}/{self.cfg.rounds}", f"clients ok {ok}/{self.n}"]
+        if "loss" in server:
+            parts.append(f"server loss {server['loss']:.2f}")
+        for key, label in (("latent_accuracy", "latent acc"), ("latent_f1", "f1"),
+                           ("recon_error", "recon")):
+            if key in evaluation:
+                parts.append(f"{label} {evaluation[key]:.3f}")
+        parts.append(f"{timings['round']:.1f} s")
+        log.info(" | ".join(parts))
+
+    # -- stop -------------------------------------------------------------------------
+    def server_stop(self) -> None:
+        """Drain stragglers' late messages, stop every client, write the final models."""
+        end = time.monotonic() + self.cfg.server.final_drain_s
+        record = RoundRecord()
+        while self.busy and time.monotonic() < end:
+            rcv = self.transport.recv(timeout=max(0.0, end - time.monotonic()))
+            if rcv is not None:
+                self.handle(rcv, self.cfg.rounds, record)
+        if self.busy:
+            log.error("clients %s still busy after %.0f s; results are complete, aborting them",
+                      sorted(self.busy), self.cfg.server.final_drain_s)
+        self._write_final()
+        if self.busy:
+            from .transport import finalize_abort
+
+            finalize_abort(self.transport.comm, 3)
+        self._broadcast(Stop())
+        log.info("results in %s", self.results_path)
+
+    def _write_final(self) -> None:
+        decoders = {}
+        for cid, e in self.state.registry.items():
+            decoders[cid] = {"spec": e.spec.to_dict(), "round": e.round,
+                             "state": {k: v.detach().cpu().numpy()
+                                       for k, v in e.decoder.state_dict().items()},
+                             "prior": e.prior.to_arrays()}
+        self.writer.write_final(
+            global_state={k: v.detach().cpu().numpy() for k, v in self.state.vae.state_dict().items()},
+            global_spec=self.state.spec.to_dict(), decoders=decoders)

@@ -1,0 +1,181 @@
+"""The stateful server algorithm: decoder registry, synthetic sampling, global training.
+
+Plain PyTorch, no MPI. The server keeps the latest accepted decoder and prior of every
+client. Each round it samples ``samples_per_client`` images per client (prior -> decoder,
+labelled with the client id), pools them, and trains the persistent global VAE on the
+pool for ``epochs`` epochs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .client import model_spec, round_seed
+from .config import RunConfig
+from .errors import AlignFLError, MessageError
+from .models import ModelSpec, build_decoder, build_vae, decoder_state_shapes, vae_loss
+from .prior import GaussianMixturePrior
+
+log = logging.getLogger(__name__)
+
+SERVER_ROLE = 0  # role id for derived seeds; clients use 1 + client_id
+
+
+@dataclass
+class DecoderEntry:
+    """A client's latest accepted decoder and prior."""
+
+    client_id: int
+    spec: ModelSpec
+    decoder: torch.nn.Module
+    prior: GaussianMixturePrior
+    round: int
+    metrics: dict[str, float]
+
+
+def validate_update(*, spec: dict[str, Any], state: dict[str, np.ndarray],
+                    prior: dict[str, np.ndarray],
+                    image_shape: tuple[int, int, int]) -> tuple[ModelSpec, GaussianMixturePrior]:
+    """Check a received update against the model zoo before anything is built from it.
+
+    Raises:
+        MessageError: Unregistered architecture, wrong tensor names or shapes,
+            non-finite values, an invalid prior, or the wrong image shape.
+    """
+    try:
+        model = ModelSpec.from_dict(spec)
+    except AlignFLError as exc:
+        raise MessageError(f"invalid decoder spec: {exc}") from None
+    if tuple(model.image_shape) != tuple(image_shape):
+        raise MessageError(f"decoder image shape {model.image_shape} != server's {image_shape}")
+    expected = decoder_state_shapes(model)
+    missing, extra = set(expected) - set(state), set(state) - set(expected)
+    if missing or extra:
+        raise MessageError(f"decoder tensors do not match the {model.arch} spec "
+                           f"(missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]})")
+    for name, shape in expected.items():
+        arr = state[name]
+        if tuple(arr.shape) != tuple(shape):
+            raise MessageError(f"decoder tensor {name} has shape {tuple(arr.shape)}, "
+                               f"spec says {tuple(shape)}")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise MessageError(f"decoder tensor {name} has non-finite values")
+    return model, GaussianMixturePrior.from_arrays(prior, latent_dim=model.latent_dim)
+
+
+class ServerState:
+    """The server's state: global VAE + optimizer, and the decoder registry."""
+
+    def __init__(self, cfg: RunConfig, *, device: torch.device) -> None:
+        self.cfg = cfg
+        self.device = device
+        torch.manual_seed(round_seed(cfg.seed, SERVER_ROLE, 0))
+        self.spec = model_spec(cfg.server.model)
+        self.vae = build_vae(self.spec).to(device)
+        self.optimizer = torch.optim.Adam(self.vae.parameters(), lr=cfg.server.lr)
+        self.registry: dict[int, DecoderEntry] = {}
+        self.rounds_done = 0
+
+    # --- decoder registry ---------------------------------------------------------------
+    def accept(self, client_id: int, *, spec: dict[str, Any], state: dict[str, np.ndarray],
+               prior: dict[str, np.ndarray], round_: int, metrics: dict[str, float]) -> None:
+        """Validate and store a client's update, replacing its previous one.
+
+        Raises:
+            MessageError: The update is invalid; the stored decoder is kept.
+        """
+        model, gm = validate_update(spec=spec, state=state, prior=prior,
+                                    image_shape=tuple(self.spec.image_shape))
+        decoder = build_decoder(model)
+        decoder.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()},
+                                strict=True)
+        decoder.to(self.device).eval()
+        self.registry[client_id] = DecoderEntry(client_id=client_id, spec=model,
+                                                decoder=decoder, prior=gm, round=round_,
+                                                metrics=dict(metrics))
+
+    # --- sampling -----------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_synthetic(self, *, round_: int,
+                         n_per_client: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw ``n_per_client`` images from every stored decoder (prior -> decoder).
+
+        Returns:
+            ``(images (M*K, C, H, W) float in [0, 1] on the server device, labels (M*K,)
+            client ids)``; empty tensors when no decoder is stored yet.
+        """
+        n = n_per_client or self.cfg.server.samples_per_client
+        gen = torch.Generator().manual_seed(round_seed(self.cfg.seed, SERVER_ROLE, 2 * round_ + 1))
+        images, labels = [], []
+        for cid in sorted(self.registry):
+            entry = self.registry[cid]
+            z = entry.prior.sample(n, generator=gen).to(self.device)
+            images.append(entry.decoder(z).reshape(n, *self.spec.image_shape))
+            labels.append(torch.full((n,), cid, dtype=torch.long))
+        if not images:
+            return torch.empty(0, *self.spec.image_shape), torch.empty(0, dtype=torch.long)
+        return torch.cat(images), torch.cat(labels)
+
+    @torch.no_grad()
+    def sample_client(self, client_id: int, n: int, *, seed: int) -> torch.Tensor:
+        """``n`` images from one stored decoder (for grids and privacy measurements)."""
+        entry = self.registry[client_id]
+        gen = torch.Generator().manual_seed(seed)
+        z = entry.prior.sample(n, generator=gen).to(self.device)
+        return entry.decoder(z).reshape(n, *self.spec.image_shape)
+
+    # --- global training ----------------------------------------------------------------
+    def train_global(self, images: torch.Tensor, *, round_: int) -> dict[str, float]:
+        """Train the persistent global VAE on the synthetic pool for ``server.epochs``."""
+        s = self.cfg.server
+        rs = round_seed(self.cfg.seed, SERVER_ROLE, 2 * round_ + 2)
+        torch.manual_seed(rs)
+        gen = torch.Generator().manual_seed(rs)
+        self.vae.train()
+        n = len(images)
+        history = []
+        for _ in range(s.epochs):
+            order = torch.randperm(n, generator=gen)
+            sums = np.zeros(3)
+            for start in range(0, n, s.batch_size):
+                x = images[order[start:start + s.batch_size]].to(self.device)
+                recon, mu, logvar = self.vae(x)
+                loss, rec, kl = vae_loss(recon, x, mu, logvar, kl_weight=s.kl_weight)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                sums += np.array([loss.item(), rec.item(), kl.item()]) * len(x)
+            history.append(sums / n)
+        last = history[-1]
+        return {"loss": float(last[0]), "recon": float(last[1]), "kl": float(last[2]),
+                "first_epoch_loss": float(history[0][0]), "n_synthetic": float(n)}
+
+    # --- checkpointing ------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: model, optimizer, registry, round."""
+        registry = {}
+        for cid, e in self.registry.items():
+            registry[str(cid)] = {
+                "spec": e.spec.to_dict(), "round": e.round, "metrics": e.metrics,
+                "decoder": {k: v.detach().cpu() for k, v in e.decoder.state_dict().items()},
+                "prior": {k: torch.from_numpy(np.array(v))
+                          for k, v in e.prior.to_arrays().items()},
+            }
+        return {"vae": self.vae.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "registry": registry, "rounds_done": self.rounds_done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.vae.load_state_dict(state["vae"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rounds_done = int(state["rounds_done"])
+        self.registry.clear()
+        for cid, e in state["registry"].items():
+            self.accept(int(cid), spec=e["spec"],
+                        state={k: v.numpy() for k, v in e["decoder"].items()},
+                        prior={k: v.numpy() for k, v in e["prior"].items()},
+                        round_=int(e["round"]), metrics=dict(e["metrics"]))
