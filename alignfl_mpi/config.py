@@ -171,6 +171,7 @@ class ServerConfig:
             A client that misses it is a straggler and its stored decoder is used.
         max_message_mb: Largest accepted message; larger ones are rejected.
         final_drain_s: At the end, seconds to wait for stragglers' late messages.
+        start_timeout_s: Seconds to wait for every client's set-up (READY) before round 0.
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -183,6 +184,7 @@ class ServerConfig:
     round_deadline_s: float = 0.0
     max_message_mb: float = 64.0
     final_drain_s: float = 60.0
+    start_timeout_s: float = 600.0
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -170,9 +170,15 @@ def split_clients(request: PartitionRequest, main: Dataset,
 
 
 def default_partition_path(request: PartitionRequest, root: str | os.PathLike) -> Path:
-    """``ROOT/partitions/<dataset>_<scheme>_c<N>_o<M>_s<seed>.h5``."""
-    name = (f"{request.dataset}_{request.scheme}_c{request.n_clients}_"
-            f"o{request.n_outliers}_s{request.seed}.h5")
+    """``ROOT/partitions/<dataset>_<scheme>[-<param><value>...]_c<N>_o<M>[-<outlier-dataset>]_oc<k>_s<seed>.h5``.
+
+    Every setting that changes the content is in the name, so two requests share a
+    default file only when they would write the same partition.
+    """
+    params = "".join(f"-{k}{v}" for k, v in sorted(request.resolved_params().items()))
+    other = f"-{request.outlier_dataset}" if request.outlier_dataset else ""
+    name = (f"{request.dataset}_{request.scheme}{params}_c{request.n_clients}_"
+            f"o{request.n_outliers}{other}_oc{request.outlier_client}_s{request.seed}.h5")
     return Path(root) / "partitions" / name
 
 

@@ -130,6 +130,10 @@ class ResultsWriter:
             f.attrs["rounds_completed"] = round_ + 1
         self._update(write)
 
+    def set_attrs(self, values: dict[str, Any]) -> None:
+        """Set root attributes (dicts and lists as JSON)."""
+        self._update(lambda f: _set_attrs(f, values))
+
     def update_timings(self, round_: int, timings: dict[str, float]) -> None:
         """Rewrite a round's timings (the round's own I/O is only known after writing)."""
         def write(f: h5py.File) -> None:

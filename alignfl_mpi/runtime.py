@@ -38,7 +38,7 @@ from .client import (LocalState, SharedUpdate, images_to_tensor, new_local_state
 from .config import RunConfig, load_config, to_dict, to_json
 from .datasets import data_root as resolve_data_root
 from .errors import AlignFLError, ConfigError
-from .messages import (DecoderUpdate, RemoteError, StartInstruction, Stop, Tag,
+from .messages import (DecoderUpdate, Ready, RemoteError, StartInstruction, Stop, Tag,
                        TrainInstruction)
 from .results import RESULTS_NAME, ResultsWriter
 from .schema import CHECKPOINT_NAME, read_client, read_partition_info, read_split
@@ -196,6 +196,7 @@ class ClientLoop:
         start = rcv.payload if rcv.ok else StartInstruction(ok=False, reason=str(rcv.error))
         if not start.ok:
             return start
+        t0 = time.perf_counter()
         try:
             ccfg = self.cfg.client_config(self.client_id)
             device = pick_device(ccfg.device, local_rank=self.local_rank)
@@ -205,9 +206,15 @@ class ClientLoop:
             self.state.extra["total_rounds"] = self.cfg.rounds
             log.info("client %d on %s, device %s, %d samples (%d outliers)", self.client_id,
                      socket.gethostname(), device, len(part.labels), int(part.outlier.sum()))
-        except Exception as exc:  # reported to the server with every TRAIN
+            ready = Ready(client_id=self.client_id, host=socket.gethostname(),
+                          device=str(device), n_samples=len(part.labels),
+                          setup_s=time.perf_counter() - t0)
+            self.transport.send(0, Tag.READY, ready.to_message())
+        except Exception as exc:  # reported now, and again with every TRAIN
             self.setup_error = exc
             log.error("client %d set-up failed: %s", self.client_id, exc)
+            err = RemoteError.from_exception(exc, rank=self.rank, round=-1)
+            self.transport.send(0, Tag.ERROR, err.to_message())
         return start
 
     def client_round(self, instruction: TrainInstruction) -> None:
@@ -289,6 +296,7 @@ class Server:
             raise
         self._broadcast(StartInstruction(ok=True))
         try:
+            self.wait_ready()
             for r in range(self.start_round, self.cfg.rounds):
                 self.server_round(r)
             self.server_stop()
@@ -354,6 +362,39 @@ class Server:
                               device=self.device, png_dir=self.png_dir if self.cfg.output.png
                               else None)
 
+    def wait_ready(self) -> None:
+        """Wait for every client's READY (or set-up ERROR), up to ``server.start_timeout_s``.
+
+        Set-up time thus never counts against the first round's deadline. A client that
+        is not ready in time is treated as busy: a straggler until it answers.
+        """
+        pending = set(range(self.n))
+        end = time.monotonic() + self.cfg.server.start_timeout_s
+        info: dict[str, Any] = {}
+        while pending:
+            rcv = self.transport.recv(timeout=max(0.0, end - time.monotonic()))
+            if rcv is None:
+                break
+            c = rcv.source - 1
+            pending.discard(c)
+            if rcv.ok and rcv.tag == Tag.READY:
+                ready: Ready = rcv.payload
+                info[str(c)] = {"host": ready.host, "device": ready.device,
+                                "n_samples": ready.n_samples, "setup_s": ready.setup_s}
+            elif rcv.ok and rcv.tag == Tag.ERROR:
+                info[str(c)] = {"error": rcv.payload.summary()}
+                log.warning("client %d set-up failed: %s", c, rcv.payload.summary())
+            else:
+                info[str(c)] = {"error": str(rcv.error)}
+        for c in pending:
+            log.warning("client %d not ready after %.0f s; treated as a straggler", c,
+                        self.cfg.server.start_timeout_s)
+            self.busy[c] = -1
+        self.writer.set_attrs({"clients_info": info})
+        log.info("clients ready: %s", ", ".join(
+            f"{c}@{v.get('host', '?')}:{v.get('device', 'failed')}" for c, v in sorted(
+                info.items(), key=lambda kv: int(kv[0]))))
+
     # -- one round --------------------------------------------------------------------
     def server_round(self, r: int) -> None:
         cfg = self.cfg
@@ -392,9 +433,8 @@ class Server:
         evaluation = self.evaluator.evaluate(self.state, round_=r)
         t_eval = time.perf_counter() - t0
 
-        train_times = [v.get("train_s", 0.0) for v in record.clients.values()
-                       if v.get("status") in ("ok", "late")]
-        t_client = max(train_times, default=0.0)
+        answered = [v for v in record.clients.values() if v.get("status") in ("ok", "late")]
+        t_client = max((v.get("train_s", 0.0) for v in answered), default=0.0)
         timings = {"client_training": t_client,
                    "communication": max(0.0, t_collect - t_client),
                    "collect": t_collect, "sampling": t_sampling, "server_training": t_server,

@@ -1,0 +1,167 @@
+"""Multi-rank runtime tests under mpiexec (each with a timeout, so a hang fails)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+
+from alignfl_mpi.results import load
+from alignfl_mpi.schema import ClientData, write_partition
+from mpi_helpers import MPI_SCRIPTS, find_mpiexec, run_cli, run_mpi
+
+pytestmark = pytest.mark.skipif(find_mpiexec() is None, reason="no mpiexec available")
+
+
+def tiny_partition(path, *, n_clients, n_per_client=64, seed=0):
+    """A synthetic partition: client k holds bright squares at position k (no real data)."""
+    rng = np.random.default_rng(seed)
+    clients = []
+    for k in range(n_clients):
+        images = rng.integers(0, 30, size=(n_per_client, 28, 28)).astype(np.uint8)
+        images[:, 4 + 4 * k: 10 + 4 * k, 8:20] = 220
+        labels = np.full(n_per_client, 2 * k, np.int64)
+        clients.append(ClientData(client_id=k, images=images, labels=labels,
+                                  outlier=np.zeros(n_per_client, bool),
+                                  source_index=np.arange(n_per_client, dtype=np.int64)))
+    test_labels = np.repeat(np.arange(2 * n_clients, step=2), 20)
+    test_images = np.concatenate([c.images[:20] for c in clients])
+    write_partition(path, clients=clients, test_images=test_images, test_labels=test_labels,
+                    outlier_test_images=np.zeros((0, 28, 28), np.uint8),
+                    outlier_test_labels=np.zeros(0, np.int64),
+                    attrs={"dataset": "synthetic", "outlier_dataset": "", "scheme": "manual",
+                           "scheme_params": {}, "seed": seed, "n_outliers": 0,
+                           "outlier_client": 0, "source_sha256": {}, "created": "",
+                           "package_version": "test"})
+    return path
+
+
+def write_config(path, partition, out, *, n_clients, rounds=3, extra=""):
+    path.write_text(f"""
+rounds = {rounds}
+n_clients = {n_clients}
+seed = 3
+[data]
+partition = "{partition}"
+[client]
+local_epochs = 1
+batch_size = 32
+prior_components = 2
+device = "cpu"
+[client.model]
+hidden = [32, 16, 8]
+[server]
+samples_per_client = 32
+epochs = 1
+batch_size = 32
+final_drain_s = 60
+[server.model]
+hidden = [32, 16, 8]
+[output]
+dir = "{out}"
+save_synthetic = true
+{extra}
+""")
+    return path
+
+
+def launch(n, *args, timeout=180, **kw):
+    try:
+        return run_cli(n, *args, timeout=timeout, **kw)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"mpiexec -n {n} {' '.join(args)} hung\n{exc.output}\n{exc.stderr}")
+
+
+def test_faults_mixed_architectures_and_stragglers(tmp_path):
+    n = 4
+    part = tiny_partition(tmp_path / "p.h5", n_clients=n)
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.toml", part, out, n_clients=n, rounds=3, extra="""
+[[clients]]
+model = {arch = "conv", latent_dim = 4, hidden = [8, 16]}
+[[clients]]
+model = {arch = "mlp", latent_dim = 3, hidden = [48, 24, 12]}
+[[clients]]
+[[clients]]
+""".replace("[output]", "")) 
+    text = cfg.read_text().replace("final_drain_s = 60", "final_drain_s = 60\nround_deadline_s = 3.0")
+    cfg.write_text(text)
+    try:
+        proc = run_mpi(MPI_SCRIPTS / "runtime_faults.py", n + 1, str(cfg), "6", timeout=240)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"runtime with faults hung\n{exc.output}\n{exc.stderr}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = load(out / "results.h5")
+    assert res.finished and res.rounds == [0, 1, 2]
+    status = {c: list(res.clients[c]["status"]) for c in range(n)}
+    # client 1 raised in round 1: an error with rank, host and traceback; others went on
+    assert status[1] == ["ok", "error", "ok"], status
+    err = res.clients[1]["error"][1]
+    assert "rank 2 on" in err and "RuntimeError: injected failure in round 1" in err
+    assert "Traceback" in res.clients[1]["traceback"][1]
+    # client 2's NaN update in round 0 was rejected and the run went on
+    assert status[2][0] == "rejected" and "non-finite" in res.clients[2]["error"][0]
+    assert status[2][1:] == ["ok", "ok"]
+    # client 3 missed the deadline in round 0; its late update was drained and accepted
+    assert status[3][0] == "straggler", status
+    decoders = res.final_decoders()
+    assert set(decoders) == {0, 1, 2, 3}
+    assert "late" in status[3] or decoders[3]["round"] == 0
+    # mixed architectures and latent dims were rebuilt by the server
+    assert decoders[0]["spec"]["arch"] == "conv" and decoders[0]["spec"]["latent_dim"] == 4
+    assert decoders[1]["spec"]["latent_dim"] == 3 and decoders[2]["spec"]["latent_dim"] == 2
+    assert decoders[1]["round"] == 2  # its round-1 failure kept the round-0 decoder until round 2
+    assert res.server["n_synthetic"][0] == 2 * 32  # round 0: only clients 0 and 1 delivered
+    assert "[rank 0]" in proc.stderr
+
+
+def test_world_size_mismatch_is_one_line(tmp_path):
+    part = tiny_partition(tmp_path / "p.h5", n_clients=3)
+    cfg = write_config(tmp_path / "c.toml", part, tmp_path / "run", n_clients=3)
+    proc = launch(3, "run", "--config", str(cfg), timeout=120)
+    assert proc.returncode != 0
+    lines = [l for l in proc.stderr.splitlines() if "error" in l]
+    assert lines == ["alignfl-mpi: error: world size 3 does not match the config: 3 clients "
+                     "need 4 ranks (mpiexec -n 4), or set n_clients = 2"], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_partition_stops_every_rank(tmp_path):
+    part = tiny_partition(tmp_path / "p.h5", n_clients=2)
+    cfg = write_config(tmp_path / "c.toml", part, tmp_path / "run", n_clients=3)
+    proc = launch(4, "run", "--config", str(cfg), timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "partition has 2 clients but the run is configured for 3" in proc.stderr
+
+
+def _final_global(path):
+    spec, state = load(path).final_global()
+    return state
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    part = tiny_partition(tmp_path / "p.h5", n_clients=2)
+    full = write_config(tmp_path / "full.toml", part, tmp_path / "full", n_clients=2, rounds=3)
+    assert launch(3, "run", "--config", str(full)).returncode == 0
+    short = write_config(tmp_path / "short.toml", part, tmp_path / "short", n_clients=2,
+                         rounds=2)
+    assert launch(3, "run", "--config", str(short)).returncode == 0
+    proc = launch(3, "run", "--config", str(short), "--resume", "--rounds", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming after round 1" in proc.stderr
+    a, b = _final_global(tmp_path / "full" / "results.h5"), _final_global(
+        tmp_path / "short" / "results.h5")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    ra, rb = load(tmp_path / "full" / "results.h5"), load(tmp_path / "short" / "results.h5")
+    assert rb.rounds == [0, 1, 2]
+    np.testing.assert_array_equal(ra.eval["latent_accuracy"], rb.eval["latent_accuracy"])
+    np.testing.assert_array_equal(ra.clients[1]["loss"], rb.clients[1]["loss"])
+    # a new run into an existing results directory is refused, nothing is lost
+    before = (tmp_path / "full" / "results.h5").read_bytes()
+    proc = launch(3, "run", "--config", str(full))
+    assert proc.returncode != 0 and "already exists; pass --resume" in proc.stderr
+    assert (tmp_path / "full" / "results.h5").read_bytes() == before
