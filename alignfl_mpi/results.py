@@ -59,7 +59,7 @@ class ResultsWriter:
             ConfigError: The file exists and this is not a resume.
         """
         self.path = Path(path)
-        if resume_from_round is None:
+        if resume_from_round is None or not self.path.exists():
             if self.path.exists():
                 raise ConfigError(f"{self.path} already exists; pass --resume to continue that "
                                   "run or choose another --output directory")

@@ -337,11 +337,7 @@ class Server:
         self.state = ServerState(cfg, device=self.device)
         self.start_round = 0
         if self.resume:
-            ckpt = load_checkpoint(self.ckpt_dir / CHECKPOINT_NAME)
-            self.state.load_state_dict(ckpt["server"])
-            set_rng_state(ckpt["rng"])
-            self.start_round = self.state.rounds_done
-            log.info("resuming after round %d", self.start_round - 1)
+            self.start_round = self._load_server_checkpoint()
         attrs = {"partition": str(path), "n_clients": self.n, "world_size": self.n + 1,
                  "partition_attrs": {k: self.partition.attrs[k] for k in
                                      ("dataset", "outlier_dataset", "scheme", "scheme_params",
@@ -353,6 +349,29 @@ class Server:
         self.evaluator = self._make_evaluator()
         log.info("server on %s, device %s; %d clients, %d rounds, partition %s",
                  socket.gethostname(), self.device, self.n, cfg.rounds, path)
+
+    def _load_server_checkpoint(self) -> int:
+        """Restore the server from its checkpoint; returns the round to continue with.
+
+        Without a checkpoint, resuming is allowed only while no round has been recorded
+        (a run killed during round 0): it then starts from round 0.
+        """
+        path = self.ckpt_dir / CHECKPOINT_NAME
+        if not path.exists():
+            if self.results_path.exists():
+                from .results import load
+
+                done = int(load(self.results_path).attrs.get("rounds_completed", 0))
+                if done:
+                    raise AlignFLError(f"--resume: {self.results_path} has {done} rounds but "
+                                       f"there is no checkpoint {path}; cannot continue")
+            log.warning("--resume: no checkpoint in %s; starting from round 0", self.ckpt_dir)
+            return 0
+        ckpt = load_checkpoint(path)
+        self.state.load_state_dict(ckpt["server"])
+        set_rng_state(ckpt["rng"])
+        log.info("resuming after round %d", self.state.rounds_done - 1)
+        return self.state.rounds_done
 
     def _make_evaluator(self) -> Any:
         from .assess import RoundEvaluator
