@@ -1,17 +1,26 @@
-"""Per-round evaluation on rank 0: what the server's global model learned, and pictures.
+"""Per-round evaluation on rank 0: utility, Lipschitz constants, privacy, and pictures.
 
-Against the real test set of the partition file:
+Against the partition file's real data (the experimenter's view; nothing here feeds back
+into training):
 
 * latent logistic-regression accuracy and weighted F1 of the global VAE (stratified
-  80/20 split of the test latents, seed 42, as the paper's code does);
-* reconstruction error of the global VAE;
+  80/20 split of the test latents, seed 42, as the paper's code does), and its
+  reconstruction error;
+* every stored client decoder's empirical Lipschitz constant (largest Jacobian spectral
+  norm over latents drawn from its prior) and the layer-product upper bound;
+* privacy, overall and for the injected outliers: outlier survival (domain classifier),
+  distance to closest record, and the Monte-Carlo membership-inference AUC;
 * PNG grids: samples of the global VAE and of every stored client decoder.
+
+The public reference data is split once: the first half of ``/test`` and of
+``/outlier_test`` trains the in-domain vs outlier-domain classifier; the second halves
+are held out (non-members for the attacks).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +30,71 @@ import torch
 from .client import round_seed
 from .config import RunConfig
 from .evaluation import evaluate_vae, save_image_grid
+from .schema import OUTLIER_TEST, TEST, read_client, read_partition_info, read_split
 
 log = logging.getLogger(__name__)
 
 GRID_PER_ROW = 10
+LIPSCHITZ_POINTS = 256
+CLASSIFIER_IMAGES = 5000   # per domain, from the first halves of the reference splits
+MEMBER_SAMPLE = 1000       # in-domain members / non-members for the inlier attack
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Public reference images, split into classifier-training and held-out halves."""
+
+    train_in: np.ndarray
+    train_out: np.ndarray
+    held_in: np.ndarray
+    held_in_labels: np.ndarray
+    held_out: np.ndarray
+
+
+def reference_split(partition: str | Path) -> Reference | None:
+    """Halve ``/test`` and ``/outlier_test``; None when the partition has no outlier domain."""
+    test, test_labels = read_split(partition, TEST)
+    other, _ = read_split(partition, OUTLIER_TEST)
+    if len(other) < 2:
+        return None
+    hi, ho = len(test) // 2, len(other) // 2
+    return Reference(train_in=test[:hi], train_out=other[:ho], held_in=test[hi:],
+                     held_in_labels=test_labels[hi:], held_out=other[ho:])
+
+
+def reference_classifier(partition: str | Path, *, device: torch.device) -> Any:
+    """The domain classifier (in-domain 0 vs outlier domain 1), trained on public data.
+
+    Deterministic (seed 0), so the server and the outlier client train the same one.
+    """
+    from .privacy_metrics import train_domain_classifier
+
+    ref = reference_split(partition)
+    if ref is None:
+        return None
+    return train_domain_classifier(ref.train_in[:CLASSIFIER_IMAGES],
+                                   ref.train_out[:CLASSIFIER_IMAGES], seed=0, device=device)
+
+
+@torch.no_grad()
+def reconstruct(vae: torch.nn.Module, images: np.ndarray, *, device: torch.device) -> np.ndarray:
+    """Deterministic reconstructions decode(mu(x)) as float32 (N, 28, 28) in [0, 1]."""
+    was_training = vae.training
+    vae.eval()
+    x = torch.from_numpy(images).unsqueeze(1).float().div(255.0).to(device)
+    out = [vae.decode(vae.encode(x[i:i + 1024])[0]).reshape(-1, *images.shape[1:]).cpu()
+           for i in range(0, len(x), 1024)]
+    vae.train(was_training)
+    return torch.cat(out).numpy()
+
+
+def client_outlier_survival(vae: torch.nn.Module, outliers: np.ndarray, classifier: Any, *,
+                            device: torch.device) -> float:
+    """Share of a client's outliers whose reconstruction through its own VAE is still
+    classified as outlier domain (computed on the client; only the number leaves)."""
+    from .privacy_metrics import outlier_survival
+
+    return float(outlier_survival(classifier, reconstruct(vae, outliers, device=device)))
 
 
 @dataclass
@@ -37,14 +107,75 @@ class RoundEvaluator:
     test_labels: np.ndarray
     device: torch.device
     png_dir: Path | None = None
+    privacy: dict[str, Any] = field(default_factory=dict)
 
-    def evaluate(self, state: Any, *, round_: int) -> dict[str, float]:
-        """Metrics of this round (flat dict of floats); writes PNGs when enabled."""
-        metrics = evaluate_vae(state.vae, self.test_images, self.test_labels,
-                               device=self.device, seed=42)
+    def __post_init__(self) -> None:
+        attrs = read_partition_info(self.partition).attrs
+        ref = reference_split(self.partition) if int(attrs["n_outliers"]) > 0 else None
+        if ref is None:
+            return
+        k = int(attrs["outlier_client"])
+        part = read_client(self.partition, k)
+        outliers = part.images[part.outlier]
+        rng = np.random.default_rng(0)
+        inliers = part.images[~part.outlier]
+        members = inliers[np.sort(rng.choice(len(inliers), min(MEMBER_SAMPLE, len(inliers)),
+                                             replace=False))]
+        classes = np.unique(part.labels[~part.outlier])
+        same = ref.held_in[np.isin(ref.held_in_labels, classes)]
+        heldout = ref.held_out[np.sort(rng.choice(len(ref.held_out),
+                                                  min(len(outliers), len(ref.held_out)),
+                                                  replace=False))]
+        classifier = reference_classifier(self.partition, device=self.device)
+        self.privacy = {"client": k, "outliers": outliers, "heldout": heldout,
+                        "members": members, "nonmembers": same[:MEMBER_SAMPLE],
+                        "classifier": classifier}
+        log.info("privacy measurements on client %d: %d outliers, domain classifier held-out "
+                 "accuracy %.3f", k, len(outliers), classifier.heldout_accuracy)
+
+    def evaluate(self, state: Any, *, round_: int,
+                 pool: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 ) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
+        """``(round metrics, per-client metrics)`` as flat dicts of floats; writes PNGs."""
+        metrics = {k: float(v) for k, v in evaluate_vae(
+            state.vae, self.test_images, self.test_labels, device=self.device,
+            seed=42).items()}
+        per_client = self.lipschitz(state, round_=round_)
+        if self.privacy and pool is not None:
+            metrics.update(self.privacy_metrics(state, pool))
         if self.png_dir is not None:
             self.write_grids(state, round_=round_)
-        return {k: float(v) for k, v in metrics.items()}
+        return metrics, per_client
+
+    def lipschitz(self, state: Any, *, round_: int) -> dict[int, dict[str, float]]:
+        """Empirical and upper-bound Lipschitz constants of every stored decoder."""
+        from .lipschitz import lipschitz_report
+
+        out = {}
+        for cid in sorted(state.registry):
+            entry = state.registry[cid]
+            gen = torch.Generator().manual_seed(round_seed(self.cfg.seed, 998, round_) + cid)
+            z = entry.prior.sample(LIPSCHITZ_POINTS, generator=gen).to(self.device)
+            out[cid] = lipschitz_report(entry.decoder, z)
+        return out
+
+    def privacy_metrics(self, state: Any, pool: tuple[torch.Tensor, torch.Tensor]
+                        ) -> dict[str, float]:
+        """Outlier survival, distance to closest record and MIA AUCs (see module doc)."""
+        from .privacy_metrics import privacy_report
+
+        p = self.privacy
+        images, labels = pool
+        if p["client"] not in state.registry or not len(images):
+            return {}
+        synthetic = images[labels == p["client"]].squeeze(1).cpu().numpy()
+        report = privacy_report(
+            synthetic_outlier_client=synthetic,
+            recon_outliers_global=reconstruct(state.vae, p["outliers"], device=self.device),
+            outliers=p["outliers"], heldout_outliers=p["heldout"],
+            inlier_members=p["members"], inlier_nonmembers=p["nonmembers"],
+            synthetic_all=images.squeeze(1).cpu().numpy(), classifier=p["classifier"])
+        return {k: float(v) for k, v in report.items()}
 
     @torch.no_grad()
     def write_grids(self, state: Any, *, round_: int) -> list[Path]:

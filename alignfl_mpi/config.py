@@ -120,11 +120,15 @@ class LipschitzConfig:
         form: ``two-sided``: (||grad_z D(z)|| - 1)^2 as in the reference code, or
             ``hinge``: max(0, ||grad_z D(z)|| - target)^2.
         target: The hinge's Lipschitz target K.
+        grad_norm_mode: What the penalty's gradient norm is: ``sum`` (the reference code:
+            the gradient of the summed output, ||J^T 1||), ``random`` (||J v|| for a random
+            unit v) or ``spectral`` (the exact ||J||_2 via latent_dim Jacobian-vector products).
     """
 
     weight: float = 0.0
     form: str = "two-sided"
     target: float = 1.0
+    grad_norm_mode: str = "sum"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -419,6 +423,12 @@ def validate(cfg: RunConfig) -> None:
         _positive(f"{where}.lr", c.lr)
         _positive(f"{where}.kl_weight", c.kl_weight, allow_zero=True)
         _check_device(f"{where}.device", c.device)
+        _check_choice(f"{where}.lipschitz.form", c.lipschitz.form, ("two-sided", "hinge"))
+        _check_choice(f"{where}.lipschitz.grad_norm_mode", c.lipschitz.grad_norm_mode,
+                      ("sum", "random", "spectral"))
+        _positive(f"{where}.lipschitz.weight", c.lipschitz.weight, allow_zero=True)
+        _positive(f"{where}.lipschitz.target", c.lipschitz.target)
+        _check_choice(f"{where}.model.arch", c.model.arch, ("mlp", "conv"), registry=True)
     s = cfg.server
     for name in ("samples_per_client", "epochs", "batch_size"):
         _positive(f"server.{name}", getattr(s, name))
@@ -429,6 +439,17 @@ def validate(cfg: RunConfig) -> None:
     if not 0 <= cfg.data.outlier_client < cfg.n_clients:
         raise ConfigError(f"data.outlier_client {cfg.data.outlier_client} is out of range "
                           f"0..{cfg.n_clients - 1}")
+
+
+def _check_choice(where: str, value: str, choices: tuple[str, ...], *,
+                  registry: bool = False) -> None:
+    if registry:
+        from .models import MODEL_REGISTRY
+
+        choices = tuple(MODEL_REGISTRY)
+    if value not in choices:
+        raise ConfigError(f"config key {where!r}: unknown value {value!r}; choose one of: "
+                          f"{', '.join(choices)}")
 
 
 def _check_device(where: str, device: str) -> None:

@@ -18,7 +18,11 @@ decoder ``D: R^d -> R^P`` (``P = C*H*W`` pixels) with Jacobian ``J(z)`` (``P x d
   the *total output intensity* ``sum_p D_p(z)``. It is the local Lipschitz constant of
   that scalar, not of ``D``: ``||J^T 1|| <= sqrt(P) * ||J||_2``, and it is 0 whenever
   moving in latent space only moves ink around (pixel changes that cancel in the sum).
-  The two-sided target ``||J^T 1|| = 1`` therefore constrains one output direction.
+  The two-sided target ``||J^T 1|| = 1`` therefore constrains one output direction,
+  and pulls the total-intensity gradient *up* to 1 where it is smaller. (One backward
+  pass of the batch sum gives every row its own ``J(z_i)^T 1`` because rows are
+  decoded independently; a layer that mixes rows, such as BatchNorm in training mode,
+  would break that.)
 * ``"random"``: ``||J(z) v||`` for a random unit ``v`` in latent space (one
   Jacobian-vector product): a lower bound of ``||J(z)||_2`` with
   ``E||J v||^2 = ||J||_F^2 / d``.
@@ -36,7 +40,10 @@ decoder ``D: R^d -> R^P`` (``P = C*H*W`` pixels) with Jacobian ``J(z)`` (``P x d
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +51,10 @@ from torch.func import jvp, vjp
 
 from alignfl_mpi.config import LipschitzConfig
 from alignfl_mpi.errors import ConfigError
+
+# torch.func.jvp scripts a helper internally and warns about it on every first call.
+warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated",
+                        category=FutureWarning)
 
 __all__ = [
     "GRAD_NORM_MODES",
@@ -246,8 +257,8 @@ def operator_norm(
     layer: nn.Module,
     input_shape: Sequence[int],
     *,
-    n_iter: int = 500,
-    tol: float = 1e-9,
+    max_iter: int = 300,
+    tol: float = 1e-10,
     seed: int = 0,
 ) -> float:
     """Spectral norm of a Linear or (transposed) convolution as a linear operator.
@@ -255,10 +266,13 @@ def operator_norm(
     The bias is ignored (it does not change a Lipschitz constant). A ``Linear`` is
     exact (``torch.linalg.matrix_norm(ord=2)``, float64). A convolution's operator norm
     depends on the input's spatial size and is *not* the matrix norm of its reshaped
-    kernel, so it is found by power iteration on ``A^T A`` for the layer's actual
-    input shape, with the adjoint ``A^T`` taken by autograd (a vector-Jacobian
-    product), in float64. The estimate ``||A^T A x|| / ||A x||`` rises towards the
-    true norm from below; it stops when its relative change is under ``tol``.
+    kernel, so it is computed for the layer's actual input shape, in float64, from the
+    operator ``A`` and its adjoint ``A^T`` (a vector-Jacobian product): the largest
+    eigenvalue of ``A^T A`` by Lanczos iteration (a Krylov subspace with full
+    re-orthogonalisation and Rayleigh-Ritz). Plain power iteration stalls here: the
+    top singular values of a convolution on a grid are nearly degenerate. The Ritz
+    value approaches the norm from below; iteration stops when the residual of the
+    top Ritz pair is under ``tol`` relative, or the Krylov space is invariant (exact).
 
     Spectrally normalised layers (``torch.nn.utils.parametrizations.spectral_norm``)
     use their effective ``weight``; call this in eval mode so that reading the weight
@@ -267,8 +281,8 @@ def operator_norm(
     Args:
         layer: ``nn.Linear``, ``nn.ConvNd`` or ``nn.ConvTransposeNd``.
         input_shape: The layer's input shape without the batch dimension.
-        n_iter: Maximum power iterations.
-        tol: Relative tolerance of the stopping rule.
+        max_iter: Largest Krylov dimension (operator applications).
+        tol: Relative residual at which the top Ritz value is accepted.
         seed: Seed of the random start vector.
 
     Returns:
@@ -290,26 +304,43 @@ def operator_norm(
         weight = layer.weight.detach().double()
     if isinstance(layer, nn.Linear):
         return float(torch.linalg.matrix_norm(weight, ord=2))
+    shape = (1, *input_shape)
 
-    def op(x: Tensor) -> Tensor:
-        return _conv_without_bias(layer, x, weight)
+    def gram(v: Tensor) -> Tensor:  # v -> A^T A v on flat vectors
+        y, adjoint = vjp(lambda x: _conv_without_bias(layer, x, weight), v.reshape(shape))
+        return adjoint(y)[0].flatten()
 
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, *input_shape, generator=gen, dtype=torch.float64).to(weight.device)
-    x = x / x.norm()
-    sigma = 0.0
-    for _ in range(n_iter):
-        y, adjoint = vjp(op, x)
-        (ata_x,) = adjoint(y)
-        y_norm, ata_norm = float(y.norm()), float(ata_x.norm())
-        if y_norm == 0.0 or ata_norm == 0.0:
-            return 0.0
-        new_sigma = ata_norm / y_norm
-        x = ata_x / ata_norm
-        if abs(new_sigma - sigma) <= tol * new_sigma:
-            return new_sigma
-        sigma = new_sigma
-    return sigma
+    start = torch.randn(math.prod(shape), generator=gen, dtype=torch.float64)
+    return math.sqrt(max(_top_eigenvalue(gram, start.to(weight.device), max_iter=max_iter,
+                                         tol=tol), 0.0))
+
+
+def _top_eigenvalue(
+    apply: Callable[[Tensor], Tensor], start: Tensor, *, max_iter: int, tol: float
+) -> float:
+    """Largest eigenvalue of a symmetric PSD operator by Lanczos with re-orthogonalisation."""
+    dim = min(max_iter, start.numel())
+    basis = torch.zeros(dim, start.numel(), dtype=start.dtype, device=start.device)
+    images = torch.zeros_like(basis)
+    basis[0] = start / start.norm()
+    theta = 0.0
+    for k in range(dim):
+        images[k] = apply(basis[k])
+        v, w = basis[:k + 1], images[:k + 1]
+        ritz = v @ w.T
+        values, vectors = torch.linalg.eigh((ritz + ritz.T) / 2)
+        theta, s = float(values[-1]), vectors[:, -1]
+        residual = float((s @ w - theta * (s @ v)).norm())
+        if theta <= 0.0 or residual <= tol * theta or k + 1 == dim:
+            return theta
+        r = images[k] - v.T @ (v @ images[k])
+        r = r - v.T @ (v @ r)  # twice is enough (Kahan-Parlett)
+        r_norm = float(r.norm())
+        if r_norm <= 1e-13 * float(images[k].norm()):
+            return theta  # invariant subspace: theta is exact
+        basis[k + 1] = r / r_norm
+    return theta
 
 
 def _conv_without_bias(layer: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
@@ -338,9 +369,9 @@ def spectral_upper_bound(
 
     The decoder must be an ``nn.Sequential`` (possibly nested) of these layers: skip
     connections or arithmetic between layers would invalidate the bound, so any other
-    container or layer type is refused. Convolution norms come from a power iteration
-    that converges from below; at its tolerance the product is an upper bound up to
-    about 1e-8 relative.
+    container or layer type is refused. Convolution norms come from a Lanczos
+    iteration that converges from below; at its tolerance the product is an upper
+    bound up to about 1e-9 relative.
 
     Args:
         decoder: The decoder (any device); it is put in eval mode during the call.
@@ -434,18 +465,13 @@ def _layer_input_shapes(
     return shapes
 
 
-class _eval_mode:  # noqa: N801 - used like a function
-    """Context manager: eval mode inside, the previous per-module modes restored after."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-        self.modes: list[tuple[nn.Module, bool]] = []
-
-    def __enter__(self) -> nn.Module:
-        self.modes = [(m, m.training) for m in self.module.modules()]
-        self.module.eval()
-        return self.module
-
-    def __exit__(self, *exc: object) -> None:
-        for m, mode in self.modes:
+@contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode inside the block; every submodule's previous mode restored after."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, mode in modes:
             m.training = mode

@@ -198,12 +198,8 @@ def make_partition(request: PartitionRequest, *, output: str | os.PathLike,
     main = load_dataset(request.dataset, root=root)
     other = load_dataset(request.outlier_source(), root=root) if request.n_outliers else None
     clients = split_clients(request, main, other)
-    rng = np.random.default_rng([request.seed, 2])
-    if other is not None:
-        held = np.sort(rng.choice(len(other.test_labels),
-                                  size=min(max(request.n_outliers, 1), len(other.test_labels)),
-                                  replace=False))
-        out_imgs, out_lbls = other.test_images[held], other.test_labels[held]
+    if other is not None:  # the outlier domain's whole test split: held out from every client
+        out_imgs, out_lbls = other.test_images, other.test_labels
     else:
         out_imgs = np.zeros((0, *main.info.image_shape), np.uint8)
         out_lbls = np.zeros(0, np.int64)

@@ -73,9 +73,12 @@ __all__ = [
     "dp_fit_gmm",
     "epsilon_spent",
     "grad_noise_multiplier",
+    "make_clip_rule",
     "per_sample_vae_loss",
     "plan_privacy",
     "prior_radius",
+    "noisy_prior_statistics",
+    "prior_statistics",
     "register_clip_rule",
     "train_private_round",
     "validate_private_client",
@@ -418,7 +421,7 @@ class PrivacyLedger:
 
     def seed_for(self, seed: int) -> int:
         """A secret 63-bit seed for one round: mixes the secret with the public round seed."""
-        state = np.random.SeedSequence([self.secret, seed & (2**63 - 1)]).generate_state(2)
+        state = np.random.SeedSequence([0, seed & (2**63 - 1)]).generate_state(2)
         return int(state[0]) << 31 ^ int(state[1])
 
     def record_sgd(self, sigma: float, sample_rate: float, steps: int) -> None:
@@ -943,48 +946,74 @@ def _initial_mixture(k: int, d: int, radius: float, rng: np.random.Generator,
     return np.full(k, 1.0 / k), means, np.ones((k, d))
 
 
+def prior_statistics(latents: np.ndarray, weights: np.ndarray, means: np.ndarray,
+                     variances: np.ndarray, *, radius: float) -> np.ndarray:
+    """One EM iteration's sufficient statistics in the units of the prior's noise.
+
+    Latents are clipped to the ball of ``radius`` R; with responsibilities ``r_i`` under the
+    given (public) mixture the vector is ``(sum r_ik, sum r_ik x_i / R, sum r_ik x_i^2 / R^2)``
+    flattened. Adding or removing one sample changes each block by at most ``|r_i|_2 <= 1``
+    times ``1``, ``|x_i| / R <= 1`` and ``|x_i^2|_2 / R^2 <= |x_i|^2 / R^2 <= 1``: the L2
+    sensitivity of the vector is at most sqrt(3).
+
+    Returns:
+        Float64 ``(K + 2 K D,)``.
+    """
+    x = clip_to_ball(np.asarray(latents, dtype=np.float64), radius)
+    resp = np.exp(_e_step(x, weights, means, variances)[0])
+    return np.concatenate([resp.sum(0), (resp.T @ x).ravel() / radius,
+                           (resp.T @ x**2).ravel() / radius**2])
+
+
+def noisy_prior_statistics(latents: np.ndarray, weights: np.ndarray, means: np.ndarray,
+                           variances: np.ndarray, *, radius: float, noise_multiplier: float,
+                           rng: np.random.Generator) -> np.ndarray:
+    """:func:`prior_statistics` plus ``N(0, (sqrt(3) sigma)^2 I)``: one Gaussian release."""
+    stats = prior_statistics(latents, weights, means, variances, radius=radius)
+    return stats + math.sqrt(3.0) * noise_multiplier * rng.standard_normal(stats.shape)
+
+
 def dp_fit_gmm(latents: np.ndarray, *, n_components: int, noise_multiplier: float,
                radius: float, rng: np.random.Generator, iters: int = PRIOR_EM_ITERS,
                init: GaussianMixturePrior | None = None,
                min_var: float = 1e-4) -> GaussianMixturePrior:
     """Fit a diagonal GMM by EM on noisy sufficient statistics (one Gaussian release/iter).
 
-    Latents are clipped to the ball of ``radius`` R. Each iteration computes, with the
-    current (public) mixture, responsibilities ``r_i`` and releases counts ``sum r_ik``,
-    sums ``sum r_ik x_i`` and squares ``sum r_ik x_i^2`` with noise of standard deviation
-    ``sqrt(3) sigma (1, R, R^2)``. Adding or removing one sample changes the vector
-    (counts, sums / R, squares / R^2) by at most ``|r_i| (1 + |x_i| / R + |x_i|^2 / R^2)``
-    in each block, i.e. an L2 norm <= sqrt(3): one Gaussian mechanism of multiplier sigma
-    per iteration. The initial mixture is data-independent (or a previously released prior).
+    Each iteration releases :func:`prior_statistics` (L2 sensitivity sqrt(3)) plus
+    ``N(0, 3 sigma^2 I)``: a Gaussian mechanism of noise multiplier sigma, without
+    subsampling. The M-step divides the noisy sums by the noisy counts; a component whose
+    noisy count is below ``max(1, 3 sqrt(3) sigma)`` keeps its previous (public) values.
+    The initial mixture is data-independent (seeded draws in the ball) or ``init``, a
+    previously released prior.
 
     Args:
         latents: ``(N, D)`` latent means.
         n_components: K.
         noise_multiplier: sigma of each release (0: exact statistics, for tests).
-        radius: R.
+        radius: R, the clipping radius of the latents.
         rng: Secret randomness of the noise.
         iters: Releases (EM iterations).
         init: Public starting mixture (e.g. the last released prior), same K and D.
-        min_var: Variance floor.
+        min_var: Variance floor (variances are also capped at R^2).
 
     Returns:
         The released prior.
     """
-    x = clip_to_ball(np.asarray(latents, dtype=np.float64), radius)
-    k, d = n_components, x.shape[1]
+    k, d = n_components, latents.shape[1]
     weights, means, variances = _initial_mixture(k, d, radius, rng, init)
-    std = math.sqrt(3.0) * noise_multiplier
+    floor = max(1.0, 3 * math.sqrt(3.0) * noise_multiplier)
     for _ in range(iters):
-        resp = np.exp(_e_step(x, weights, means, variances)[0])
-        counts = resp.sum(0) + std * rng.standard_normal(k)
-        sums = resp.T @ x + std * radius * rng.standard_normal((k, d))
-        squares = resp.T @ x**2 + std * radius**2 * rng.standard_normal((k, d))
-        ok = counts > max(1.0, 3 * std)  # too noisy a count: keep the component's last values
+        stats = noisy_prior_statistics(latents, weights, means, variances, radius=radius,
+                                       noise_multiplier=noise_multiplier, rng=rng)
+        counts = stats[:k]
+        sums = stats[k:k + k * d].reshape(k, d) * radius
+        squares = stats[k + k * d:].reshape(k, d) * radius**2
+        ok = counts > floor
         safe = np.where(ok, counts, 1.0)[:, None]
         means = np.where(ok[:, None], clip_to_ball(sums / safe, radius), means)
         variances = np.where(ok[:, None],
                              np.clip(squares / safe - means**2, min_var, radius**2), variances)
-        mass = np.where(ok, counts, max(1.0, 3 * std))
+        mass = np.where(ok, counts, floor)
         weights = mass / mass.sum()
     return GaussianMixturePrior(weights=weights, means=means, log_vars=np.log(variances))
 

@@ -172,6 +172,8 @@ class ClientLoop:
         self.state: LocalState | None = None
         self.data: torch.Tensor | None = None
         self.setup_error: BaseException | None = None
+        self.outliers: np.ndarray = np.zeros((0, 28, 28), np.uint8)
+        self.classifier: Any = None
         _, ckpt_dir, _ = run_paths(cfg)
         self.ckpt_dir = ckpt_dir / f"client_{self.client_id}"
 
@@ -204,6 +206,11 @@ class ClientLoop:
             self.data = images_to_tensor(part.images)
             self.state = new_local_state(self.client_id, ccfg, seed=self.cfg.seed, device=device)
             self.state.extra["total_rounds"] = self.cfg.rounds
+            self.outliers = part.images[part.outlier]
+            if len(self.outliers):
+                from .assess import reference_classifier
+
+                self.classifier = reference_classifier(partition_path(self.cfg), device=device)
             log.info("client %d on %s, device %s, %d samples (%d outliers)", self.client_id,
                      socket.gethostname(), device, len(part.labels), int(part.outlier.sum()))
             ready = Ready(client_id=self.client_id, host=socket.gethostname(),
@@ -227,6 +234,11 @@ class ClientLoop:
                 self._load_checkpoint(before_round=r)
                 self.resume = False
             update = self.local_train(r)
+            if self.classifier is not None:
+                from .assess import client_outlier_survival
+
+                update.metrics["survival_recon_client"] = client_outlier_survival(
+                    self.state.vae, self.outliers, self.classifier, device=self.state.device)
             if self.cfg.output.checkpoint:
                 self._save_checkpoint()
             payload = DecoderUpdate(round=r, client_id=self.client_id, spec=update.spec,
@@ -449,7 +461,10 @@ class Server:
         self.state.rounds_done = r + 1
 
         t0 = time.perf_counter()
-        evaluation = self.evaluator.evaluate(self.state, round_=r)
+        evaluation, per_client = self.evaluator.evaluate(self.state, round_=r,
+                                                         pool=(images, labels))
+        for c, values in per_client.items():
+            record.clients.setdefault(c, {"status": "idle"}).update(values)
         t_eval = time.perf_counter() - t0
 
         answered = [v for v in record.clients.values() if v.get("status") in ("ok", "late")]
