@@ -7,6 +7,7 @@ Launch commands::
     alignfl-mpi partition --scheme class-pairs --outliers 600
     mpiexec -n 6 alignfl-mpi run                              # 1 server + 5 clients
     mpiexec -n 6 alignfl-mpi run --config run.toml --set rounds=3
+    alignfl-mpi report runs/alignfl/results.h5 --out report
 
 Every user error prints one line ``alignfl-mpi: error: ...`` and exits with status 2.
 """
@@ -91,6 +92,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return main_run(args)
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import run_report
+
+    written = run_report([Path(p) for p in args.results], out=Path(args.out),
+                         partition=Path(args.partition) if args.partition else None)
+    for path in written:
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``alignfl-mpi``."""
     parser = argparse.ArgumentParser(prog="alignfl-mpi", description=__doc__.split("\n")[0],
@@ -147,6 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
     verbosity.add_argument("--quiet", "-q", action="store_true", help="warnings only")
     verbosity.add_argument("--verbose", "-v", action="store_true", help="debug output")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("report", help="tables and figures of one or more runs")
+    p.add_argument("results", nargs="+", metavar="RESULTS",
+                   help="results.h5 files or run folders (finished, crashed or partial runs)")
+    p.add_argument("--out", "-o", default="report", help="output folder (default ./report)")
+    p.add_argument("--partition", default=None,
+                   help="partition file for the latent plots (default: the one stored in "
+                        "each results file, when that file exists)")
+    p.set_defaults(func=_cmd_report)
     return parser
 
 
