@@ -8,6 +8,7 @@ Launch commands::
     mpiexec -n 6 alignfl-mpi run                              # 1 server + 5 clients
     mpiexec -n 6 alignfl-mpi run --config run.toml --set rounds=3
     alignfl-mpi report runs/alignfl/results.h5 --out report
+    alignfl-mpi sweep --epsilon 1 10 inf --lip 0 0.1 --np 6 --out runs/sweep
 
 Every user error prints one line ``alignfl-mpi: error: ...`` and exits with status 2.
 """
@@ -102,6 +103,17 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import parse_epsilon, run_sweep
+
+    written = run_sweep(config=args.config, epsilons=[parse_epsilon(e) for e in args.epsilon],
+                        lips=args.lip, np_=args.np, out=Path(args.out), launcher=args.launcher,
+                        dp_mode=args.dp_mode, extra=args.set, dry_run=args.dry_run)
+    for path in written:
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``alignfl-mpi``."""
     parser = argparse.ArgumentParser(prog="alignfl-mpi", description=__doc__.split("\n")[0],
@@ -167,6 +179,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="partition file for the latent plots (default: the one stored in "
                         "each results file, when that file exists)")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("sweep", help="privacy-utility grid: one run per (epsilon, lambda_lip)")
+    p.add_argument("--config", "-c", default=None, help="base config for every run")
+    p.add_argument("--epsilon", nargs="+", default=["1", "2", "5", "10", "inf"],
+                   help="target epsilons; 'inf' = no DP (default: 1 2 5 10 inf)")
+    p.add_argument("--lip", nargs="+", type=float, default=[0.0, 0.01, 0.1, 1.0],
+                   help="lambda_lip values (default: 0 0.01 0.1 1)")
+    p.add_argument("--dp-mode", choices=("decoder", "full"), default=None,
+                   help="DP mode of finite-epsilon runs (default: the config's, else full)")
+    p.add_argument("--np", type=int, default=6, help="ranks per run (n_clients + 1)")
+    p.add_argument("--out", "-o", default="runs/sweep", help="folder of the runs")
+    p.add_argument("--launcher", default="mpiexec", help='MPI launcher, e.g. "srun --mpi=pmix"')
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override for every run")
+    p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    p.set_defaults(func=_cmd_sweep)
     return parser
 
 

@@ -183,6 +183,49 @@ def run_local_round(state: LocalState, data: torch.Tensor, *, round_: int,
     return build_update(state, prior, metrics)
 
 
+def proximal_penalty(vae: torch.nn.Module, anchor: dict[str, torch.Tensor], *,
+                     mu: float) -> Any:
+    """FedProx's ``mu/2 ||w - w_global||^2`` as a ``train_epochs`` penalty."""
+    params = [(p, anchor[name]) for name, p in vae.named_parameters()]
+
+    def penalty(_vae: torch.nn.Module, _mu: torch.Tensor) -> tuple[torch.Tensor, float]:
+        value = 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in params)
+        return value, float(value.detach())
+    return penalty
+
+
+def run_averaging_round(state: LocalState, data: torch.Tensor, global_state: dict[str, Any], *,
+                        round_: int, seed: int, mu: float = 0.0) -> SharedUpdate:
+    """FedAvg (``mu = 0``) or FedProx: start from the global weights, train, share everything.
+
+    The baselines share the whole VAE (encoder included) with an N(0, I) prior; a fresh
+    Adam optimizer is used every round, as in the usual FedAvg client.
+    """
+    start = time.perf_counter()
+    rs = round_seed(seed, 1 + state.client_id, round_)
+    torch.manual_seed(rs)
+    generator = torch.Generator().manual_seed(rs)
+    cfg = state.cfg
+    state.vae.load_state_dict({k: torch.as_tensor(v) for k, v in global_state.items()},
+                              strict=True)
+    state.optimizer = torch.optim.Adam(state.vae.parameters(), lr=cfg.lr)
+    penalty = None
+    if mu > 0:
+        anchor = {k: v.detach().clone() for k, v in state.vae.named_parameters()}
+        penalty = proximal_penalty(state.vae, anchor, mu=mu)
+    metrics = train_epochs(state.vae, state.optimizer, data, epochs=cfg.local_epochs,
+                           batch_size=cfg.batch_size, kl_weight=cfg.kl_weight,
+                           generator=generator, device=state.device, penalty=penalty)
+    state.rounds_done = round_ + 1
+    metrics["train_s"] = time.perf_counter() - start
+    metrics["n_samples"] = float(len(data))
+    full = {k: np.ascontiguousarray(v.detach().cpu().numpy())
+            for k, v in state.vae.state_dict().items()}
+    return SharedUpdate(spec=model_spec(cfg.model).to_dict(), state=full,
+                        prior=standard_normal_prior(cfg.model.latent_dim).to_arrays(),
+                        metrics={k: float(v) for k, v in metrics.items()})
+
+
 def standard_prior_for(state: LocalState) -> GaussianMixturePrior:
     """The data-independent fallback prior N(0, I)."""
     return standard_normal_prior(state.cfg.model.latent_dim)

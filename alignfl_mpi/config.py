@@ -214,6 +214,10 @@ class RunConfig:
 
     Attributes:
         seed: Seed of models, sampling and shuffling.
+        strategy: ``align-fl`` (share decoders, server trains on synthetic data), or the
+            baselines ``fedavg`` and ``fedprox`` (share the whole VAE, the server averages
+            weights; clients must all have the server's model).
+        fedprox_mu: FedProx proximal weight mu (loss + mu/2 ||w - w_global||^2).
         rounds: Federated rounds.
         n_clients: Number of clients; the world size must be ``n_clients + 1``.
         data: The partition.
@@ -224,6 +228,8 @@ class RunConfig:
     """
 
     seed: int = 0
+    strategy: str = "align-fl"
+    fedprox_mu: float = 0.01
     rounds: int = 5
     n_clients: int = 5
     data: DataConfig = field(default_factory=DataConfig)
@@ -402,6 +408,9 @@ def load_config(path: str | os.PathLike | None = None, *,
     return cfg
 
 
+STRATEGIES = ("align-fl", "fedavg", "fedprox")
+
+
 def _positive(where: str, value: float, *, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"config key {where!r} must be {'>= 0' if allow_zero else '> 0'}, "
@@ -411,6 +420,15 @@ def _positive(where: str, value: float, *, allow_zero: bool = False) -> None:
 def validate(cfg: RunConfig) -> None:
     """Value checks that types alone cannot express."""
     _positive("rounds", cfg.rounds)
+    _check_choice("strategy", cfg.strategy, STRATEGIES)
+    _positive("fedprox_mu", cfg.fedprox_mu, allow_zero=True)
+    if cfg.strategy != "align-fl":
+        for k in range(cfg.n_clients):
+            model = cfg.client_config(k).model
+            if model != cfg.server.model:
+                raise ConfigError(f"strategy {cfg.strategy!r} averages weights and needs every "
+                                  f"client to have the server's model; client {k} has "
+                                  f"{model} but server.model is {cfg.server.model}")
     _positive("n_clients", cfg.n_clients)
     if cfg.clients and len(cfg.clients) != cfg.n_clients:
         raise ConfigError(f"config has {len(cfg.clients)} [[clients]] tables but n_clients = "

@@ -54,6 +54,7 @@ __all__ = [
     "MAGIC",
     "PAYLOAD_TYPES",
     "Ready",
+    "GlobalModel",
     "DecoderUpdate",
     "Message",
     "Payload",
@@ -115,6 +116,8 @@ class Tag(IntEnum):
     """Server to client: finish and exit."""
     READY = 6
     """Client to server: set-up finished (host, device, data size)."""
+    MODEL = 7
+    """Server to client: the global model's weights (FedAvg/FedProx baselines only)."""
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -785,7 +788,36 @@ class Ready:
         return cls(**{**meta, "setup_s": float(meta["setup_s"])})
 
 
-Payload = StartInstruction | TrainInstruction | DecoderUpdate | RemoteError | Stop | Ready
+@dataclass(frozen=True, kw_only=True, eq=False)
+class GlobalModel:
+    """Server to client: the global VAE's weights for round ``round`` (baselines only).
+
+    Attributes:
+        round: Round index the weights are for.
+        state: Full VAE state dict as NumPy arrays.
+    """
+
+    TAG: ClassVar[Tag] = Tag.MODEL
+    KIND: ClassVar[str] = "model"
+
+    round: int
+    state: dict[str, np.ndarray]
+
+    def to_message(self) -> Message:
+        """Return the wire message."""
+        return Message(kind=self.KIND, meta={"round": self.round}, tensors=dict(self.state))
+
+    @classmethod
+    def from_message(cls, msg: Message) -> GlobalModel:
+        """Check and convert a received message; raises MessageError if it does not fit."""
+        meta = _check_meta(msg, cls.KIND, {"round": _COUNT}, tensors=True)
+        for name, array in msg.tensors.items():
+            _check_finite(array, where=f"global model for round {meta['round']}", name=name)
+        return cls(round=meta["round"], state=dict(msg.tensors))
+
+
+Payload = (StartInstruction | TrainInstruction | DecoderUpdate | RemoteError | Stop | Ready
+           | GlobalModel)
 """Any payload dataclass."""
 
 PAYLOAD_TYPES: dict[Tag, type] = {
@@ -795,6 +827,7 @@ PAYLOAD_TYPES: dict[Tag, type] = {
     Tag.ERROR: RemoteError,
     Tag.STOP: Stop,
     Tag.READY: Ready,
+    Tag.MODEL: GlobalModel,
 }
 """The payload class carried under each tag."""
 

@@ -34,12 +34,12 @@ import torch
 from . import __version__
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .client import (LocalState, SharedUpdate, images_to_tensor, new_local_state,
-                     run_local_round)
+                     run_averaging_round, run_local_round)
 from .config import RunConfig, load_config, to_dict, to_json
 from .datasets import data_root as resolve_data_root
 from .errors import AlignFLError, ConfigError
-from .messages import (DecoderUpdate, Ready, RemoteError, StartInstruction, Stop, Tag,
-                       TrainInstruction)
+from .messages import (DecoderUpdate, GlobalModel, Ready, RemoteError, StartInstruction, Stop,
+                       Tag, TrainInstruction)
 from .results import RESULTS_NAME, ResultsWriter
 from .schema import CHECKPOINT_NAME, read_client, read_partition_info, read_split
 
@@ -173,6 +173,7 @@ class ClientLoop:
         self.data: torch.Tensor | None = None
         self.setup_error: BaseException | None = None
         self.outliers: np.ndarray = np.zeros((0, 28, 28), np.uint8)
+        self.global_state: dict[str, np.ndarray] | None = None  # FedAvg/FedProx only
         self.classifier: Any = None
         _, ckpt_dir, _ = run_paths(cfg)
         self.ckpt_dir = ckpt_dir / f"client_{self.client_id}"
@@ -190,7 +191,9 @@ class ClientLoop:
                 continue
             if rcv.tag == Tag.STOP:
                 return 0
-            if rcv.tag == Tag.TRAIN:
+            if rcv.tag == Tag.MODEL:
+                self.global_state = rcv.payload.state
+            elif rcv.tag == Tag.TRAIN:
                 self.client_round(rcv.payload)
 
     def client_start(self) -> StartInstruction:
@@ -254,7 +257,14 @@ class ClientLoop:
     def local_train(self, round_: int) -> SharedUpdate:
         """One round of local training (tests replace this to inject faults)."""
         assert self.state is not None and self.data is not None
-        return run_local_round(self.state, self.data, round_=round_, seed=self.cfg.seed)
+        if self.cfg.strategy == "align-fl":
+            return run_local_round(self.state, self.data, round_=round_, seed=self.cfg.seed)
+        if self.global_state is None:
+            raise AlignFLError(f"{self.cfg.strategy}: no global model received before round "
+                               f"{round_}")
+        mu = self.cfg.fedprox_mu if self.cfg.strategy == "fedprox" else 0.0
+        return run_averaging_round(self.state, self.data, self.global_state, round_=round_,
+                                   seed=self.cfg.seed, mu=mu)
 
     def _save_checkpoint(self) -> None:
         assert self.state is not None
@@ -437,7 +447,11 @@ class Server:
             if c in self.busy:
                 record.clients[c] = {"status": "straggler", "busy_round": self.busy[c]}
         instruction = TrainInstruction(round=r, deadline_s=deadline)
+        model = (GlobalModel(round=r, state=self.state.global_arrays()).to_message()
+                 if cfg.strategy != "align-fl" else None)
         for c in asked:
+            if model is not None:
+                self.transport.send(c + 1, Tag.MODEL, model)
             self.transport.send(c + 1, Tag.TRAIN, instruction.to_message())
             self.busy[c] = r
         self.collect(r, record, deadline=deadline)
@@ -452,7 +466,9 @@ class Server:
         images, labels = self.state.sample_synthetic(round_=r)
         t_sampling = time.perf_counter() - t0
         t0 = time.perf_counter()
-        if len(images):
+        if cfg.strategy != "align-fl":
+            server_metrics = self.state.average_pending()  # FedAvg/FedProx: no server training
+        elif len(images):
             server_metrics = self.state.train_global(images, round_=r)
         else:
             log.warning("round %d: no decoder stored yet; the global model is not trained", r)
@@ -525,8 +541,14 @@ class Server:
                 if upd.client_id != c:
                     raise AlignFLError(f"update claims client {upd.client_id} but came from "
                                        f"rank {rcv.source}")
-                self.state.accept(c, spec=upd.spec, state=upd.state, prior=upd.prior,
-                                  round_=upd.round, metrics=upd.metrics)
+                if self.cfg.strategy == "align-fl":
+                    self.state.accept(c, spec=upd.spec, state=upd.state, prior=upd.prior,
+                                      round_=upd.round, metrics=upd.metrics)
+                elif late:
+                    raise AlignFLError(f"late update for round {upd.round} is not averaged")
+                else:
+                    self.state.accept_full(c, spec=upd.spec, state=upd.state,
+                                           round_=upd.round, metrics=upd.metrics)
                 entry.update(upd.metrics)
                 entry.update(status="late" if late else "ok", update_round=upd.round)
                 if late:

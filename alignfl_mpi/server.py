@@ -19,7 +19,7 @@ from .client import model_spec, round_seed
 from .config import RunConfig
 from .errors import AlignFLError, MessageError
 from .models import ModelSpec, build_decoder, build_vae, decoder_state_shapes, vae_loss
-from .prior import GaussianMixturePrior
+from .prior import GaussianMixturePrior, standard_normal_prior
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,26 @@ def validate_update(*, spec: dict[str, Any], state: dict[str, np.ndarray],
     return model, GaussianMixturePrior.from_arrays(prior, latent_dim=model.latent_dim)
 
 
+def average_states(states: list[dict[str, np.ndarray]], weights: list[float]
+                   ) -> dict[str, np.ndarray]:
+    """Weighted average of state dicts (FedAvg); integer tensors take the first state's.
+
+    >>> average_states([{"w": np.array([0.0])}, {"w": np.array([3.0])}], [1, 2])["w"]
+    array([2.])
+    """
+    total = float(sum(weights))
+    out = {}
+    for name, first in states[0].items():
+        if first.dtype.kind != "f":
+            out[name] = first.copy()
+            continue
+        acc = np.zeros(first.shape, np.float64)
+        for st, w in zip(states, weights):
+            acc += st[name].astype(np.float64) * (w / total)
+        out[name] = acc.astype(first.dtype)
+    return out
+
+
 class ServerState:
     """The server's state: global VAE + optimizer, and the decoder registry."""
 
@@ -79,6 +99,7 @@ class ServerState:
         self.vae = build_vae(self.spec).to(device)
         self.optimizer = torch.optim.Adam(self.vae.parameters(), lr=cfg.server.lr)
         self.registry: dict[int, DecoderEntry] = {}
+        self.pending: dict[int, tuple[dict[str, np.ndarray], float]] = {}
         self.rounds_done = 0
 
     # --- decoder registry ---------------------------------------------------------------
@@ -98,6 +119,49 @@ class ServerState:
         self.registry[client_id] = DecoderEntry(client_id=client_id, spec=model,
                                                 decoder=decoder, prior=gm, round=round_,
                                                 metrics=dict(metrics))
+
+    def accept_full(self, client_id: int, *, spec: dict[str, Any], state: dict[str, np.ndarray],
+                    round_: int, metrics: dict[str, float]) -> None:
+        """FedAvg/FedProx: validate a whole-VAE update and keep it for averaging.
+
+        Its decoder part also goes into the registry (with the N(0, I) prior the VAE was
+        trained towards), so that the evaluation can sample what the server saw.
+
+        Raises:
+            MessageError: The spec differs from the global model's, or the tensors do not
+                match it.
+        """
+        if spec != self.spec.to_dict():
+            raise MessageError(f"model spec {spec} differs from the global model's "
+                               f"{self.spec.to_dict()}; FedAvg needs identical models")
+        expected = {k: tuple(v.shape) for k, v in self.vae.state_dict().items()}
+        if set(expected) != set(state):
+            raise MessageError("model tensors do not match the global model")
+        for name, shape in expected.items():
+            if tuple(state[name].shape) != shape:
+                raise MessageError(f"model tensor {name} has shape {tuple(state[name].shape)}, "
+                                   f"expected {shape}")
+        self.pending[client_id] = (state, float(metrics.get("n_samples", 1.0)))
+        prefix = "decoder."
+        decoder = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        prior = standard_normal_prior(self.spec.latent_dim).to_arrays()
+        self.accept(client_id, spec=spec, state=decoder, prior=prior, round_=round_,
+                    metrics=metrics)
+
+    def average_pending(self) -> dict[str, float]:
+        """FedAvg: replace the global VAE by the sample-weighted mean of this round's updates."""
+        if not self.pending:
+            return {"n_averaged": 0.0}
+        ids = sorted(self.pending)
+        avg = average_states([self.pending[c][0] for c in ids], [self.pending[c][1] for c in ids])
+        self.vae.load_state_dict({k: torch.from_numpy(v) for k, v in avg.items()}, strict=True)
+        self.pending.clear()
+        return {"n_averaged": float(len(ids))}
+
+    def global_arrays(self) -> dict[str, np.ndarray]:
+        """The global VAE's state as contiguous numpy arrays (sent to FedAvg clients)."""
+        return {k: np.ascontiguousarray(v.detach().cpu().numpy())
+                for k, v in self.vae.state_dict().items()}
 
     # --- sampling -----------------------------------------------------------------------
     @torch.no_grad()

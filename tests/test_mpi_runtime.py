@@ -165,3 +165,30 @@ def test_resume_equals_uninterrupted(tmp_path):
     proc = launch(3, "run", "--config", str(full))
     assert proc.returncode != 0 and "already exists; pass --resume" in proc.stderr
     assert (tmp_path / "full" / "results.h5").read_bytes() == before
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox"])
+def test_baselines_run_under_mpiexec(tmp_path, strategy):
+    part = tiny_partition(tmp_path / "p.h5", n_clients=2)
+    cfg = write_config(tmp_path / "c.toml", part, tmp_path / "run", n_clients=2, rounds=2)
+    proc = launch(3, "run", "--config", str(cfg), "--set", f"strategy={strategy!r}".replace("'", '"'))
+    assert proc.returncode == 0, proc.stderr
+    res = load(tmp_path / "run" / "results.h5")
+    assert res.finished and res.config["strategy"] == strategy
+    assert list(res.server["n_averaged"]) == [2.0, 2.0]
+    # the whole VAE travels: much larger than a decoder-only update
+    assert (res.clients[0]["message_bytes"] > 2 * 32 * 784 * 4).all()
+    assert sorted(res.final_decoders()) == [0, 1]
+    assert np.isfinite(res.eval["latent_accuracy"]).all()
+
+
+def test_baselines_refuse_mixed_architectures(tmp_path):
+    part = tiny_partition(tmp_path / "p.h5", n_clients=2)
+    cfg = write_config(tmp_path / "c.toml", part, tmp_path / "run", n_clients=2,
+                       extra='strategy = "fedavg"')
+    text = cfg.read_text().replace('strategy = "fedavg"', "")
+    cfg.write_text('strategy = "fedavg"\n' + text + '\n[[clients]]\nmodel = {arch = "conv"}\n[[clients]]\n')
+    proc = launch(3, "run", "--config", str(cfg), timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "strategy 'fedavg' averages weights and needs every client to have the server's model" \
+        in proc.stderr

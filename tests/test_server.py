@@ -107,3 +107,32 @@ def test_rejected_update_keeps_stored_decoder():
     with pytest.raises(MessageError):
         server.accept(0, spec=good.spec, state=bad_state, prior=good.prior, round_=1, metrics={})
     assert server.registry[0].round == 0
+
+
+def test_average_states_is_sample_weighted():
+    from alignfl_mpi.server import average_states
+
+    a = {"w": np.array([1.0, 2.0], np.float32), "n": np.array(3, np.int64)}
+    b = {"w": np.array([4.0, 8.0], np.float32), "n": np.array(9, np.int64)}
+    out = average_states([a, b], [100, 200])
+    np.testing.assert_allclose(out["w"], [3.0, 6.0])
+    assert out["w"].dtype == np.float32 and int(out["n"]) == 3
+
+
+def test_accept_full_averages_into_global():
+    server = _server()
+    states = []
+    for k, n in ((0, 10.0), (1, 30.0)):
+        st = {kk: v.numpy() + k for kk, v in server.vae.state_dict().items()}
+        states.append(st)
+        server.accept_full(k, spec=server.spec.to_dict(), state=st, round_=0,
+                           metrics={"n_samples": n})
+    assert sorted(server.registry) == [0, 1]  # decoders kept for evaluation
+    server.average_pending()
+    name = next(iter(states[0]))
+    np.testing.assert_allclose(server.vae.state_dict()[name].numpy(),
+                               0.25 * states[0][name] + 0.75 * states[1][name], rtol=1e-6)
+    bad = dict(states[0])
+    with pytest.raises(MessageError, match="differs from the global model"):
+        server.accept_full(0, spec={**server.spec.to_dict(), "latent_dim": 3}, state=bad,
+                           round_=1, metrics={})
