@@ -10,6 +10,9 @@ into training):
   norm over latents drawn from its prior) and the layer-product upper bound;
 * privacy, overall and for the injected outliers: outlier survival (domain classifier),
   distance to closest record, and the Monte-Carlo membership-inference AUC;
+* generative quality in the feature space of a locally trained LeNet: FID-LeNet,
+  precision/recall, density/coverage and class coverage, of the global VAE's samples
+  (``global_*``) and of the synthetic pool the server trained on (``pool_*``);
 * PNG grids: samples of the global VAE and of every stored client decoder.
 
 The public reference data is split once: the first half of ``/test`` and of
@@ -36,6 +39,7 @@ log = logging.getLogger(__name__)
 
 GRID_PER_ROW = 10
 LIPSCHITZ_POINTS = 256
+QUALITY_POINTS = 2000      # per set, for the k-NN quality metrics and FID-LeNet
 CLASSIFIER_IMAGES = 5000   # per domain, from the first halves of the reference splits
 MEMBER_SAMPLE = 1000       # in-domain members / non-members for the inlier attack
 
@@ -108,9 +112,43 @@ class RoundEvaluator:
     device: torch.device
     png_dir: Path | None = None
     privacy: dict[str, Any] = field(default_factory=dict)
+    feature_net: Any = None
 
     def __post_init__(self) -> None:
         attrs = read_partition_info(self.partition).attrs
+        if self.cfg.server.quality_metrics:
+            self.feature_net = self._feature_net(str(attrs["dataset"]))
+            pick = np.random.default_rng(1).choice(len(self.test_images),
+                                                   min(QUALITY_POINTS, len(self.test_images)),
+                                                   replace=False)
+            self.quality_real = (self.test_images[np.sort(pick)], self.test_labels[np.sort(pick)])
+        self._setup_privacy(attrs)
+
+    def _feature_net(self, dataset: str) -> Any:
+        from .datasets import DATASETS, data_root
+        from .metrics import feature_net_path, load_or_train_feature_net
+
+        root = data_root(self.cfg.data.data_root or None)
+        if dataset not in DATASETS or not (root / dataset).is_dir():
+            log.warning("quality metrics skipped: dataset %r is not in the data root %s",
+                        dataset, root)
+            return None
+        if not feature_net_path(dataset, root=root, seed=0, epochs=2).exists():
+            log.info("training the FID-LeNet feature network on %s (once; cached under %s)",
+                     dataset, root / "feature_nets")
+        net = load_or_train_feature_net(dataset, root=root, device=self.device)
+        log.info("FID-LeNet feature network: test accuracy %.4f, sha256 %s",
+                 net.test_accuracy, net.sha256[:12])
+        return net
+
+    def attrs(self) -> dict[str, Any]:
+        """Root attributes describing the evaluation (feature network hash and accuracy)."""
+        if self.feature_net is None:
+            return {}
+        return {"feature_net_sha256": self.feature_net.sha256,
+                "feature_net_test_accuracy": float(self.feature_net.test_accuracy)}
+
+    def _setup_privacy(self, attrs: dict[str, Any]) -> None:
         ref = reference_split(self.partition) if int(attrs["n_outliers"]) > 0 else None
         if ref is None:
             return
@@ -143,6 +181,8 @@ class RoundEvaluator:
         per_client = self.lipschitz(state, round_=round_)
         if self.privacy and pool is not None:
             metrics.update(self.privacy_metrics(state, pool))
+        if self.feature_net is not None:
+            metrics.update(self.quality(state, round_=round_, pool=pool))
         if self.png_dir is not None:
             self.write_grids(state, round_=round_)
         return metrics, per_client
@@ -176,6 +216,29 @@ class RoundEvaluator:
             inlier_members=p["members"], inlier_nonmembers=p["nonmembers"],
             synthetic_all=images.squeeze(1).cpu().numpy(), classifier=p["classifier"])
         return {k: float(v) for k, v in report.items()}
+
+    @torch.no_grad()
+    def quality(self, state: Any, *, round_: int,
+                pool: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, float]:
+        """FID-LeNet and friends of the global VAE's samples and of the synthetic pool."""
+        from .metrics import quality_report
+
+        gen = torch.Generator().manual_seed(round_seed(self.cfg.seed, 997, round_))
+        was_training = state.vae.training
+        state.vae.eval()
+        z = torch.randn(QUALITY_POINTS, state.spec.latent_dim, generator=gen).to(self.device)
+        samples = state.vae.decode(z).reshape(-1, *state.spec.image_shape[1:]).cpu().numpy()
+        state.vae.train(was_training)
+        out = {}
+        sets = [("global", samples)]
+        if pool is not None and len(pool[0]):
+            sets.append(("pool", pool[0].squeeze(1).cpu().numpy()))
+        for name, fake in sets:
+            report = quality_report(self.feature_net, *self.quality_real, fake,
+                                    seed=round_, max_points=QUALITY_POINTS)
+            out.update({f"{name}_{k}": float(v) for k, v in report.items()
+                        if k not in ("n_real", "real_accuracy")})
+        return out
 
     @torch.no_grad()
     def write_grids(self, state: Any, *, round_: int) -> list[Path]:

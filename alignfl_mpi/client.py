@@ -145,7 +145,15 @@ class SharedUpdate:
 
 def build_update(state: LocalState, prior: GaussianMixturePrior,
                  metrics: dict[str, float]) -> SharedUpdate:
-    """The only function that decides what a client shares: no encoder, no data."""
+    """The only function that decides what a client shares: no encoder, no data.
+
+    In DP modes the exact training losses stay on the client (they are computed on
+    private data without noise, so the accountant would not cover them).
+    """
+    if state.cfg.privacy.mode != "none":
+        from .privacy import LOCAL_ONLY_METRICS
+
+        metrics = {k: v for k, v in metrics.items() if k not in LOCAL_ONLY_METRICS}
     spec = model_spec(state.cfg.model).to_dict()
     return SharedUpdate(spec=spec, state=decoder_arrays(state.vae), prior=prior.to_arrays(),
                         metrics={k: float(v) for k, v in metrics.items()})

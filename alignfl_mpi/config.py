@@ -176,6 +176,10 @@ class ServerConfig:
         max_message_mb: Largest accepted message; larger ones are rejected.
         final_drain_s: At the end, seconds to wait for stragglers' late messages.
         start_timeout_s: Seconds to wait for every client's set-up (READY) before round 0.
+        quality_metrics: Every round, FID-LeNet, precision/recall, density/coverage and
+            class coverage of the global VAE's samples and of the synthetic pool, in the
+            feature space of a LeNet trained on the real training set (cached under
+            ``DATA_ROOT/feature_nets/``; skipped when the dataset is not in the data root).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -189,6 +193,7 @@ class ServerConfig:
     max_message_mb: float = 64.0
     final_drain_s: float = 60.0
     start_timeout_s: float = 600.0
+    quality_metrics: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -447,6 +452,9 @@ def validate(cfg: RunConfig) -> None:
         _positive(f"{where}.lipschitz.weight", c.lipschitz.weight, allow_zero=True)
         _positive(f"{where}.lipschitz.target", c.lipschitz.target)
         _check_choice(f"{where}.model.arch", c.model.arch, ("mlp", "conv"), registry=True)
+        from .privacy import validate_private_client  # lazy: privacy imports torch
+
+        validate_private_client(c)
     s = cfg.server
     for name in ("samples_per_client", "epochs", "batch_size"):
         _positive(f"server.{name}", getattr(s, name))

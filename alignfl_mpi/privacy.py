@@ -22,10 +22,9 @@ is one matrix product ``(c * g)^T a`` ("book-keeping", Bu et al. 2023). Both onl
 activations and the gradients with respect to the layer outputs, which one
 ``torch.autograd.grad`` call provides, so a DP step costs about one plain step. Other layers
 with parameters (the conv VAE's convolutions) get exact per-sample gradients from
-``torch.func.vmap`` over that layer alone. Clipping and noise are ours (Opacus's
-``AdaClipDPOptimizer`` counts unclipped samples without centring and divides by the realised
-batch size, which the Theorem-1 noise split of Andrew et al. does not cover); the accounting
-is Opacus's (``RDPAccountant`` / ``PRVAccountant``, ``get_noise_multiplier``).
+``torch.func.vmap`` over that layer alone. Clipping and noise are ours (see
+:class:`AdaptiveClip` for why not Opacus's ``AdaClipDPOptimizer``); the accounting is
+Opacus's (``RDPAccountant`` / ``PRVAccountant``, ``get_noise_multiplier``).
 
 Randomness that privacy depends on (Poisson sampling, gradient noise, count noise, prior
 noise) comes from a per-client secret seed stored in ``state.extra`` (the client's local
@@ -74,15 +73,15 @@ __all__ = [
     "epsilon_spent",
     "grad_noise_multiplier",
     "make_clip_rule",
+    "noisy_prior_statistics",
     "per_sample_vae_loss",
     "plan_privacy",
     "prior_radius",
-    "noisy_prior_statistics",
     "prior_statistics",
     "register_clip_rule",
     "train_private_round",
-    "validate_private_client",
     "validate_privacy",
+    "validate_private_client",
 ]
 
 log = logging.getLogger(__name__)
@@ -421,7 +420,7 @@ class PrivacyLedger:
 
     def seed_for(self, seed: int) -> int:
         """A secret 63-bit seed for one round: mixes the secret with the public round seed."""
-        state = np.random.SeedSequence([0, seed & (2**63 - 1)]).generate_state(2)
+        state = np.random.SeedSequence([self.secret, seed & (2**63 - 1)]).generate_state(2)
         return int(state[0]) << 31 ^ int(state[1])
 
     def record_sgd(self, sigma: float, sample_rate: float, steps: int) -> None:
@@ -525,9 +524,13 @@ class FlatClip(ClipRule):
 class AdaptiveClip(ClipRule):
     """Quantile clipping with a noisy count (Andrew et al. 2019, geometric update).
 
-    Each step releases ``sum_i (1[|g_i| <= C] - 1/2) + N(0, count_sigma^2)``; the unclipped
-    fraction is estimated as that over the expected batch size plus 1/2, and
-    ``C <- C exp(-lr (fraction - target_quantile))``.
+    Each step releases ``sum_i (1[|g_i| <= C] - 1/2) + N(0, count_sigma^2)`` (sensitivity
+    1/2 under adding or removing a sample); the unclipped fraction is estimated as that over
+    the expected batch size plus 1/2, clamped to [0, 1], and
+    ``C <- C exp(-lr (fraction - target_quantile))``. This is tf_privacy's
+    ``QuantileEstimatorQuery``. Opacus's ``AdaClipDPOptimizer`` applies the same Theorem-1
+    noise split but releases the uncentred count (sensitivity 1) and divides it by the
+    realised batch size, which Poisson sampling makes private; hence our own rule.
     """
 
     def grad_noise_multiplier(self, sigma: float) -> float:
@@ -538,8 +541,8 @@ class AdaptiveClip(ClipRule):
         centred = float((norms <= self.bound).sum()) - 0.5 * len(norms)
         noise = float(torch.randn((), generator=generator, device=generator.device))
         fraction = (centred + self.cfg.count_noise_multiplier * noise) / expected_batch_size
-        self.bound *= math.exp(-self.cfg.clipbound_lr * (fraction + 0.5
-                                                          - self.cfg.target_quantile))
+        fraction = min(1.0, max(0.0, fraction + 0.5))  # post-processing, as tf_privacy does
+        self.bound *= math.exp(-self.cfg.clipbound_lr * (fraction - self.cfg.target_quantile))
 
 
 @register_clip_rule("median")

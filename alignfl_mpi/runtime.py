@@ -210,7 +210,7 @@ class ClientLoop:
             self.state = new_local_state(self.client_id, ccfg, seed=self.cfg.seed, device=device)
             self.state.extra["total_rounds"] = self.cfg.rounds
             self.outliers = part.images[part.outlier]
-            if len(self.outliers):
+            if len(self.outliers) and ccfg.privacy.mode == "none":  # DP: not covered by epsilon
                 from .assess import reference_classifier
 
                 self.classifier = reference_classifier(partition_path(self.cfg), device=device)
@@ -235,6 +235,7 @@ class ClientLoop:
             assert self.state is not None and self.data is not None
             if self.resume:
                 self._load_checkpoint(before_round=r)
+                self.state.extra["total_rounds"] = self.cfg.rounds  # --rounds may have changed
                 self.resume = False
             update = self.local_train(r)
             if self.classifier is not None:
@@ -369,6 +370,7 @@ class Server:
         self.writer = ResultsWriter(self.results_path, config_json=to_json(cfg), attrs=attrs,
                                     resume_from_round=self.start_round if self.resume else None)
         self.evaluator = self._make_evaluator()
+        self.writer.set_attrs(self.evaluator.attrs())
         log.info("server on %s, device %s; %d clients, %d rounds, partition %s",
                  socket.gethostname(), self.device, self.n, cfg.rounds, path)
 

@@ -105,6 +105,16 @@ def run_sweep(*, config: str | None, epsilons: list[float], lips: list[float], n
     if not dry_run and shutil.which(launch[0]) is None and not Path(launch[0]).exists():
         raise ConfigError(f"launcher {launch[0]!r} not found; pass --launcher (mpiexec, srun)")
     written = []
+    runnable, refused = [], {}
+    for s in settings:
+        try:
+            load_config(config, overrides=[*(extra or []), *s.overrides(mode)])
+            runnable.append(s)
+        except ConfigError as exc:
+            refused.setdefault(str(exc), []).append(s.name(base.data.dataset))
+    for reason, names in refused.items():
+        log.warning("%d setting(s) skipped (%s): %s", len(names), ", ".join(names), reason)
+    settings = runnable
     for i, s in enumerate(settings, 1):
         run_dir = out / s.name(base.data.dataset)
         results = run_dir / "results.h5"
