@@ -80,3 +80,38 @@ def test_cli_run_on_real_mnist(real_root, tmp_path):
     for r in (0, 1):
         assert (out / "png" / f"global_r{r:04d}.png").stat().st_size > 1000
         assert (out / "png" / f"clients_r{r:04d}.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("setting", ["dp", "lipschitz"])
+def test_dp_and_lipschitz_runs_record_privacy(real_root, tmp_path, setting):
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(CONFIG)
+    out = tmp_path / setting
+    flags = (["--set", "client.privacy.mode=full", "--set", "client.privacy.epsilon=5"]
+             if setting == "dp" else ["--set", "client.lipschitz.weight=1.0"])
+    try:
+        proc = run_cli(6, "run", "--config", str(cfg), "--data-root", str(real_root),
+                       "--output", str(out), "--set", "server.quality_metrics=false", *flags,
+                       timeout=300)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"run hung\n{exc.output}\n{exc.stderr}")
+    assert proc.returncode == 0, proc.stderr
+    res = load(out / "results.h5")
+    assert res.finished
+    for c in range(5):
+        assert (res.clients[c]["lip_empirical"] > 0).all()
+        assert (res.clients[c]["lip_upper_bound"] >= res.clients[c]["lip_empirical"]).all()
+    if setting == "dp":
+        eps = res.clients[0]["epsilon"]
+        assert eps[0] < eps[1] <= 5.0 * 1.01  # grows, ends at the target
+        assert (res.clients[0]["dp_accounted"] == 1.0).all()
+        assert "loss" not in res.clients[0]  # exact losses stay on the client
+        assert "survival_recon_client" not in res.clients[0]
+    else:
+        assert (res.clients[0]["penalty"] > 0).all()
+        assert ((res.clients[0]["survival_recon_client"] >= 0)
+                & (res.clients[0]["survival_recon_client"] <= 1)).all()
+    for key in ("survival_synthetic", "survival_recon_global", "dcr_ratio", "mia_auc_outliers",
+                "mia_auc_inliers", "classifier_accuracy"):
+        assert np.isfinite(res.eval[key]).all(), key
+    assert (res.eval["classifier_accuracy"] > 0.95).all()

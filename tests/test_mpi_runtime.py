@@ -192,3 +192,27 @@ def test_baselines_refuse_mixed_architectures(tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "strategy 'fedavg' averages weights and needs every client to have the server's model" \
         in proc.stderr
+
+
+def test_sweep_runs_each_setting_and_skips_finished(tmp_path):
+    import sys
+    from pathlib import Path
+
+    part = tiny_partition(tmp_path / "p.h5", n_clients=2)
+    cfg = write_config(tmp_path / "c.toml", part, tmp_path / "unused", n_clients=2, rounds=1)
+    exe = Path(sys.executable).parent / "alignfl-mpi"
+    cmd = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else
+                                                           ["-m", "alignfl_mpi"]),
+           "sweep", "--config", str(cfg), "--epsilon", "5", "inf", "--lip", "0", "--np", "3",
+           "--out", str(tmp_path / "sweep"), "--launcher", find_mpiexec()]
+    from mpi_helpers import mpi_env
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=mpi_env())
+    assert proc.returncode == 0, proc.stderr
+    eps5 = load(tmp_path / "sweep" / "mnist_eps5_lip0" / "results.h5")
+    inf = load(tmp_path / "sweep" / "mnist_epsinf_lip0" / "results.h5")
+    assert eps5.config["client"]["privacy"]["mode"] == "full"
+    assert eps5.config["client"]["privacy"]["epsilon"] == 5.0
+    assert inf.config["client"]["privacy"]["mode"] == "none"
+    assert eps5.clients[0]["epsilon"][0] <= 5.0 * 1.01
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=mpi_env())
+    assert proc.returncode == 0 and proc.stderr.count("finished, skipped") == 2, proc.stderr

@@ -160,18 +160,24 @@ def test_epsilon_grows_and_survives_resume(images) -> None:
     cfg = client_cfg(clipping="adaptive", prior="dp", epsilon=5.0)
     state = make_state(cfg, total_rounds=3)
     first, _ = run_state_round(state, images, 0)
+    assert "loss" not in first  # exact losses stay on the client in DP modes
     buffer = io.BytesIO()
     torch.save(state.state_dict(), buffer)
-    uninterrupted = [first] + [run_state_round(state, images, r)[0] for r in (1, 2)]
+    rounds = [run_state_round(state, images, r) for r in (1, 2)]
+    uninterrupted = [first] + [m for m, _ in rounds]
     buffer.seek(0)
     resumed_state = make_state(cfg, total_rounds=None)
     resumed_state.load_state_dict(torch.load(buffer, weights_only=True))
-    resumed = [first] + [run_state_round(resumed_state, images, r)[0] for r in (1, 2)]
+    rounds_resumed = [run_state_round(resumed_state, images, r) for r in (1, 2)]
+    resumed = [first] + [m for m, _ in rounds_resumed]
     eps = [m["epsilon"] for m in uninterrupted]
     assert eps[0] < eps[1] < eps[2]
     assert [m["epsilon"] for m in resumed] == eps
-    for key in ("clip_bound", "loss", "epsilon_prv"):
+    for key in ("clip_bound", "epsilon_prv", "noise_multiplier"):
         assert [m[key] for m in resumed] == [m[key] for m in uninterrupted], key
+    for (_, a), (_, b) in zip(rounds, rounds_resumed):  # the released priors are identical
+        for name in ("weights", "means", "log_vars"):
+            np.testing.assert_array_equal(a[name], b[name])
     # after exactly the planned rounds the whole budget (SGD + prior) is spent, not more
     assert abs(eps[2] - 5.0) / 5.0 < 0.01 and eps[2] <= 5.0
     assert eps[2] == pytest.approx(uninterrupted[2]["epsilon_sgd"]
@@ -351,7 +357,10 @@ def test_dp_round_on_tiny_data_returns_finite_metrics(images, mode, arch, spectr
     state = make_state(client_cfg(mode=mode, arch=arch, spectral_norm=spectral_norm))
     before = {k: v.clone() for k, v in state.vae.decoder.state_dict().items()}
     update = run_local_round(state, images, round_=0, seed=3)
-    assert all(k in update.metrics for k in REQUIRED)
+    from alignfl_mpi.privacy import LOCAL_ONLY_METRICS
+
+    assert all(k in update.metrics for k in REQUIRED if k not in LOCAL_ONLY_METRICS)
+    assert not set(LOCAL_ONLY_METRICS) & set(update.metrics)  # exact losses stay local
     assert all(math.isfinite(v) for v in update.metrics.values())
     assert update.metrics["dp_accounted"] == (1.0 if mode == "full" else 0.0)
     assert 0 < update.metrics["epsilon"] <= 10.0
