@@ -551,3 +551,30 @@ def _with_row_labels(grid: Image.Image, labels: list[str], *, n_rows: int, pad: 
         top = centre - (box[3] + box[1]) / 2
         draw.text((max(pad, 2) - box[0], top), text, fill=_LABEL_INK, font=font)
     return picture
+
+
+MAX_UNIT_FLOAT = 1.5  # larger float pixels are refused: they look like 0..255 data
+
+
+def unit_images(images: ImageBatch, *, name: str = "images") -> torch.Tensor:
+    """Images as a float32 CPU tensor ``(N, 1, H, W)`` in [0, 1].
+
+    Accepts uint8 (divided by 255) or float in [0, 1], numpy or torch, ``(N, H, W)`` or
+    ``(N, 1, H, W)``.
+
+    Raises:
+        ValueError: On a wrong shape, or float values above 1.5 (probably 0..255 data).
+    """
+    data = images.detach().cpu() if isinstance(images, torch.Tensor) else torch.as_tensor(
+        np.asarray(images))
+    if data.ndim == 3:
+        data = data.unsqueeze(1)
+    if data.ndim != 4 or data.shape[1] != 1:
+        raise ValueError(f"{name} must be (N, H, W) or (N, 1, H, W), got {tuple(data.shape)}")
+    if data.dtype == torch.uint8:
+        return data.float().div_(255.0)
+    data = data.float()
+    if data.numel() and float(data.max()) > MAX_UNIT_FLOAT:
+        raise ValueError(f"{name}: float images must be scaled to [0, 1] (max value "
+                         f"{float(data.max()):.4g}); pass uint8 for 0..255 data")
+    return data

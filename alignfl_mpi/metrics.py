@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from .datasets import Dataset, data_root, load_dataset
+from .evaluation import unit_images
 
 __all__ = [
     "FEATURE_NET_DIR",
@@ -72,31 +73,21 @@ log = logging.getLogger(__name__)
 ImageArray = np.ndarray | torch.Tensor
 FEATURE_NET_DIR = "feature_nets"  # folder under the data root holding cached networks
 IMAGE_SIZE = 28
-_MAX_UNIT_FLOAT = 1.5  # larger float pixels are refused: they look like 0..255 data
 
 
 # ------------------------------------------------------------------------- inputs
 
 
 def _unit_images(images: ImageArray, *, name: str = "images") -> torch.Tensor:
-    """Images as a float32 CPU tensor ``(N, 1, 28, 28)`` in [0, 1].
+    """Images as a float32 CPU tensor ``(N, 1, 28, 28)`` in [0, 1] (see ``unit_images``).
 
     Raises:
         ValueError: On a wrong shape, or float values above 1.5 (probably 0..255 data).
     """
-    data = images.detach().cpu() if isinstance(images, torch.Tensor) else torch.as_tensor(
-        np.asarray(images))
-    if data.ndim == 3:
-        data = data.unsqueeze(1)
-    if data.ndim != 4 or tuple(data.shape[1:]) != (1, IMAGE_SIZE, IMAGE_SIZE):
+    data = unit_images(images, name=name)
+    if tuple(data.shape[2:]) != (IMAGE_SIZE, IMAGE_SIZE):
         raise ValueError(f"{name} must be (N, 28, 28) or (N, 1, 28, 28), got "
                          f"{tuple(data.shape)}")
-    if data.dtype == torch.uint8:
-        return data.float().div_(255.0)
-    data = data.float()
-    if data.numel() and float(data.max()) > _MAX_UNIT_FLOAT:
-        raise ValueError(f"{name}: float images must be scaled to [0, 1] (max value "
-                         f"{float(data.max()):.4g}); pass uint8 for 0..255 data")
     return data
 
 
