@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .evaluation import unit_images as _unit_images
+
 __all__ = [
     "DomainClassifier",
     "MC_WEIGHTINGS",
@@ -40,8 +42,6 @@ __all__ = [
     "privacy_report",
     "train_domain_classifier",
 ]
-
-from .evaluation import unit_images as _unit_images  # noqa: E402
 
 log = logging.getLogger(__name__)
 
