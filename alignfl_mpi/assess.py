@@ -81,13 +81,19 @@ def reference_classifier(partition: str | Path, *, device: torch.device) -> Any:
 
 
 @torch.no_grad()
-def reconstruct(vae: torch.nn.Module, images: np.ndarray, *, device: torch.device) -> np.ndarray:
-    """Deterministic reconstructions decode(mu(x)) as float32 (N, 28, 28) in [0, 1]."""
+def reconstruct(vae: torch.nn.Module, images: np.ndarray, *, device: torch.device,
+                labels: np.ndarray | None = None) -> np.ndarray:
+    """Deterministic reconstructions decode(mu(x)) as float32 (N, 28, 28) in [0, 1]
+    (``labels`` for a conditional VAE)."""
     was_training = vae.training
     vae.eval()
     x = torch.from_numpy(images).unsqueeze(1).float().div(255.0).to(device)
-    out = [vae.decode(vae.encode(x[i:i + 1024])[0]).reshape(-1, *images.shape[1:]).cpu()
-           for i in range(0, len(x), 1024)]
+    y = None if labels is None else torch.from_numpy(labels).to(device)
+    out = []
+    for i in range(0, len(x), 1024):
+        yi = None if y is None else y[i:i + 1024]
+        out.append(vae.decode(vae.encode(x[i:i + 1024], yi)[0], yi)
+                   .reshape(-1, *images.shape[1:]).cpu())
     vae.train(was_training)
     return torch.cat(out).numpy()
 
@@ -97,8 +103,12 @@ def client_outlier_survival(vae: torch.nn.Module, outliers: np.ndarray, classifi
     """Share of a client's outliers whose reconstruction through its own VAE is still
     classified as outlier domain (computed on the client; only the number leaves)."""
     from .privacy_metrics import outlier_survival
+    from .schema import OUTLIER_LABEL
 
-    return float(outlier_survival(classifier, reconstruct(vae, outliers, device=device)))
+    labels = (np.full(len(outliers), OUTLIER_LABEL, np.int64)
+              if getattr(vae, "spec", None) is not None and vae.spec.n_classes else None)
+    return float(outlier_survival(classifier, reconstruct(vae, outliers, device=device,
+                                                          labels=labels)))
 
 
 @dataclass
@@ -179,6 +189,8 @@ class RoundEvaluator:
             state.vae, self.test_images, self.test_labels, device=self.device,
             seed=42).items()}
         per_client = self.lipschitz(state, round_=round_)
+        if state.classifier is not None:
+            metrics["task_accuracy"] = self.task_accuracy(state.classifier)
         if self.privacy and pool is not None:
             metrics.update(self.privacy_metrics(state, pool))
         if self.feature_net is not None:
@@ -186,6 +198,17 @@ class RoundEvaluator:
         if self.png_dir is not None:
             self.write_grids(state, round_=round_)
         return metrics, per_client
+
+    @torch.no_grad()
+    def task_accuracy(self, classifier: torch.nn.Module) -> float:
+        """Accuracy of a digit classifier on the real test set."""
+        was_training = classifier.training
+        classifier.eval()
+        x = torch.from_numpy(self.test_images).unsqueeze(1).float().div(255.0)
+        pred = torch.cat([classifier(x[i:i + 2048].to(self.device)).argmax(1).cpu()
+                          for i in range(0, len(x), 2048)])
+        classifier.train(was_training)
+        return float((pred.numpy() == self.test_labels).mean())
 
     def lipschitz(self, state: Any, *, round_: int) -> dict[int, dict[str, float]]:
         """Empirical and upper-bound Lipschitz constants of every stored decoder."""
@@ -196,6 +219,11 @@ class RoundEvaluator:
             entry = state.registry[cid]
             gen = torch.Generator().manual_seed(round_seed(self.cfg.seed, 998, round_) + cid)
             z = entry.prior.sample(LIPSCHITZ_POINTS, generator=gen).to(self.device)
+            if entry.class_weights is not None:  # conditional: over the whole input (z, label)
+                y = torch.multinomial(torch.from_numpy(entry.class_weights), LIPSCHITZ_POINTS,
+                                      replacement=True, generator=gen)
+                onehot = torch.nn.functional.one_hot(y, entry.spec.n_classes).float()
+                z = torch.cat([z, onehot.to(self.device)], dim=1)
             out[cid] = lipschitz_report(entry.decoder, z)
         return out
 

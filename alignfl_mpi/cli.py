@@ -9,6 +9,7 @@ Launch commands::
     mpiexec -n 6 alignfl-mpi run --config run.toml --set rounds=3
     alignfl-mpi report runs/alignfl/results.h5 --out report
     alignfl-mpi sweep --epsilon 1 10 inf --lip 0 0.1 --np 6 --out runs/sweep
+    alignfl-mpi reference --partition data/partitions/<file>.h5 --out runs/reference
 
 Every user error prints one line ``alignfl-mpi: error: ...`` and exits with status 2.
 """
@@ -114,6 +115,19 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reference(args: argparse.Namespace) -> int:
+    from .reference import centralized, fedavg_classifier
+
+    out = Path(args.out)
+    part = Path(args.partition)
+    acc = centralized(part, out=out / "centralized", epochs=args.epochs, seed=args.seed)
+    print(f"centralized: task accuracy {acc[-1]:.4f} -> {out / 'centralized'}")
+    acc = fedavg_classifier(part, out=out / "fedavg-classifier", rounds=args.rounds,
+                            local_epochs=args.local_epochs, seed=args.seed)
+    print(f"fedavg-classifier: task accuracy {acc[-1]:.4f} -> {out / 'fedavg-classifier'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``alignfl-mpi``."""
     parser = argparse.ArgumentParser(prog="alignfl-mpi", description=__doc__.split("\n")[0],
@@ -195,6 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override for every run")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("reference", help="reference digit classifiers on the real partitions: "
+                                         "centralized upper bound and FedAvg")
+    p.add_argument("--partition", required=True, help="partition HDF5 file")
+    p.add_argument("--out", "-o", default="runs/reference", help="output folder")
+    p.add_argument("--epochs", type=int, default=5, help="centralized epochs (default 5)")
+    p.add_argument("--rounds", type=int, default=5, help="FedAvg rounds (default 5)")
+    p.add_argument("--local-epochs", type=int, default=2, help="FedAvg local epochs (2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_reference)
     return parser
 
 

@@ -26,7 +26,12 @@ log = logging.getLogger(__name__)
 def model_spec(cfg: ModelConfig) -> ModelSpec:
     """The model-zoo spec of a model config."""
     return ModelSpec(arch=cfg.arch, latent_dim=cfg.latent_dim, hidden=tuple(cfg.hidden),
-                     spectral_norm=cfg.spectral_norm)
+                     spectral_norm=cfg.spectral_norm,
+                     n_classes=CONDITIONAL_CLASSES if cfg.conditional else 0)
+
+
+#: Labels a conditional VAE knows: the 10 classes and the outlier label 10.
+CONDITIONAL_CLASSES = 11
 
 
 def round_seed(seed: int, role: int, round_: int) -> int:
@@ -78,7 +83,8 @@ def new_local_state(client_id: int, cfg: ClientConfig, *, seed: int,
 
 def train_epochs(vae: torch.nn.Module, optimizer: torch.optim.Optimizer, data: torch.Tensor, *,
                  epochs: int, batch_size: int, kl_weight: float, generator: torch.Generator,
-                 device: torch.device, penalty: Any = None) -> dict[str, float]:
+                 device: torch.device, penalty: Any = None,
+                 labels: torch.Tensor | None = None) -> dict[str, float]:
     """Plain minibatch training; returns the mean loss terms of the last epoch.
 
     Args:
@@ -92,8 +98,10 @@ def train_epochs(vae: torch.nn.Module, optimizer: torch.optim.Optimizer, data: t
         order = torch.randperm(n, generator=generator)
         sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0, "penalty": 0.0}
         for start in range(0, n, batch_size):
-            x = data[order[start:start + batch_size]].to(device, non_blocking=True)
-            recon, mu, logvar = vae(x)
+            idx = order[start:start + batch_size]
+            x = data[idx].to(device, non_blocking=True)
+            y = None if labels is None else labels[idx].to(device)
+            recon, mu, logvar = vae(x, y)
             loss, rec, kl = vae_loss(recon, x, mu, logvar, kl_weight=kl_weight)
             if penalty is not None:
                 pen, pen_value = penalty(vae, mu)
@@ -111,19 +119,21 @@ def train_epochs(vae: torch.nn.Module, optimizer: torch.optim.Optimizer, data: t
 
 @torch.no_grad()
 def latent_means(vae: torch.nn.Module, data: torch.Tensor, *, device: torch.device,
-                 batch_size: int = 2048) -> np.ndarray:
+                 batch_size: int = 2048, labels: torch.Tensor | None = None) -> np.ndarray:
     """Encoder means of ``data`` as float64 numpy (N, D)."""
     was_training = vae.training
     vae.eval()
-    out = [vae.encode(data[i:i + batch_size].to(device))[0].cpu()
+    out = [vae.encode(data[i:i + batch_size].to(device),
+                      None if labels is None else labels[i:i + batch_size].to(device))[0].cpu()
            for i in range(0, len(data), batch_size)]
     vae.train(was_training)
     return torch.cat(out).double().numpy()
 
 
-def fit_prior(state: LocalState, data: torch.Tensor, *, seed: int) -> GaussianMixturePrior:
+def fit_prior(state: LocalState, data: torch.Tensor, *, seed: int,
+              labels: torch.Tensor | None = None) -> GaussianMixturePrior:
     """Fit the shared latent prior (a diagonal GMM) on the client's latent means."""
-    latents = latent_means(state.vae, data, device=state.device)
+    latents = latent_means(state.vae, data, device=state.device, labels=labels)
     return fit_gmm(latents, n_components=state.cfg.prior_components, seed=seed)
 
 
@@ -160,7 +170,7 @@ def build_update(state: LocalState, prior: GaussianMixturePrior,
 
 
 def run_local_round(state: LocalState, data: torch.Tensor, *, round_: int,
-                    seed: int) -> SharedUpdate:
+                    seed: int, labels: torch.Tensor | None = None) -> SharedUpdate:
     """Train E local epochs from the client's own previous weights, fit the prior, share.
 
     Seeds are derived from ``(seed, client, round)`` so a resumed run repeats a round exactly.
@@ -181,14 +191,26 @@ def run_local_round(state: LocalState, data: torch.Tensor, *, round_: int,
             from .lipschitz import make_penalty
 
             penalty = make_penalty(cfg.lipschitz, generator=generator)
+        cond = labels if cfg.model.conditional else None
         metrics = train_epochs(state.vae, state.optimizer, data, epochs=cfg.local_epochs,
                                batch_size=cfg.batch_size, kl_weight=cfg.kl_weight,
-                               generator=generator, device=state.device, penalty=penalty)
-        prior = fit_prior(state, data, seed=rs)
+                               generator=generator, device=state.device, penalty=penalty,
+                               labels=cond)
+        prior = fit_prior(state, data, seed=rs, labels=cond)
     state.rounds_done = round_ + 1
     metrics["train_s"] = time.perf_counter() - start
     metrics["n_samples"] = float(len(data))
-    return build_update(state, prior, metrics)
+    update = build_update(state, prior, metrics)
+    if cfg.model.conditional:
+        if labels is None:
+            raise ValueError("a conditional client needs its labels")
+        counts = np.bincount(labels.numpy(), minlength=CONDITIONAL_CLASSES).astype(np.float64)
+        update.prior[CLASS_WEIGHTS] = counts / counts.sum()
+    return update
+
+
+#: Extra prior array of a conditional client: its label distribution (n_classes,).
+CLASS_WEIGHTS = "class_weights"
 
 
 def proximal_penalty(vae: torch.nn.Module, anchor: dict[str, torch.Tensor], *,

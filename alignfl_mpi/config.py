@@ -40,12 +40,16 @@ class ModelConfig:
         latent_dim: Latent dimension (the paper uses 2).
         hidden: Layer widths (mlp) or channels (conv); empty for the architecture default.
         spectral_norm: Spectrally normalise the decoder's layers.
+        conditional: A conditional VAE: the decoder takes the class label (11 classes:
+            the 10 digits and the outlier label 10), and the client shares its label
+            distribution so the server can draw labelled samples.
     """
 
     arch: str = "mlp"
     latent_dim: int = 2
     hidden: tuple[int, ...] = ()
     spectral_norm: bool = False
+    conditional: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -176,6 +180,9 @@ class ServerConfig:
         max_message_mb: Largest accepted message; larger ones are rejected.
         final_drain_s: At the end, seconds to wait for stragglers' late messages.
         start_timeout_s: Seconds to wait for every client's set-up (READY) before round 0.
+        classifier_epochs: Train a digit classifier (LeNet) on the labelled synthetic pool
+            for this many epochs every round and report ``task_accuracy`` on the real test
+            set (0: off; needs conditional client decoders).
         quality_metrics: Every round, FID-LeNet, precision/recall, density/coverage and
             class coverage of the global VAE's samples and of the synthetic pool, in the
             feature space of a LeNet trained on the real training set (cached under
@@ -194,6 +201,7 @@ class ServerConfig:
     final_drain_s: float = 60.0
     start_timeout_s: float = 600.0
     quality_metrics: bool = True
+    classifier_epochs: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -455,6 +463,10 @@ def validate(cfg: RunConfig) -> None:
         from .privacy import validate_private_client  # lazy: privacy imports torch
 
         validate_private_client(c)
+        if c.model.conditional and (c.privacy.mode != "none" or c.lipschitz.weight > 0):
+            raise ConfigError(f"{where}.model.conditional cannot be combined with DP or "
+                              "lipschitz.weight > 0 (the label distribution and the "
+                              "conditional penalty are not privatised); use a plain VAE")
     s = cfg.server
     for name in ("samples_per_client", "epochs", "batch_size"):
         _positive(f"server.{name}", getattr(s, name))

@@ -100,6 +100,9 @@ class ModelSpec:
         image_shape: ``(C, H, W)`` of the images.
         spectral_norm: Wrap the decoder's Linear/Conv layers in spectral
             normalisation.
+        n_classes: 0 for a plain VAE; ``K > 0`` makes it a conditional VAE: the
+            one-hot label is appended to the encoder's features and to the
+            decoder's input, so the decoder maps ``(z, onehot(y))`` to an image.
 
     Example:
         >>> ModelSpec(arch="mlp").hidden
@@ -113,6 +116,7 @@ class ModelSpec:
     hidden: tuple[int, ...] = ()
     image_shape: tuple[int, int, int] = (1, 28, 28)
     spectral_norm: bool = False
+    n_classes: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.arch, str) or self.arch not in MODEL_REGISTRY:
@@ -138,7 +142,14 @@ class ModelSpec:
             raise ConfigError(
                 f"model.spectral_norm must be true or false (got {self.spectral_norm!r})"
             )
+        if not _is_int(self.n_classes) or self.n_classes < 0:
+            raise ConfigError(f"model.n_classes must be an integer >= 0 (got {self.n_classes!r})")
         MODEL_REGISTRY[self.arch].check_spec(self)
+
+    @property
+    def decoder_input_dim(self) -> int:
+        """Width of the decoder's input: ``latent_dim`` plus ``n_classes`` if conditional."""
+        return self.latent_dim + self.n_classes
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-safe dict (lists, not tuples) that :meth:`from_dict` accepts."""
@@ -148,6 +159,7 @@ class ModelSpec:
             "hidden": list(self.hidden),
             "image_shape": list(self.image_shape),
             "spectral_norm": self.spectral_norm,
+            "n_classes": self.n_classes,
         }
 
     @classmethod
@@ -198,8 +210,8 @@ class VAE(nn.Module):
         super().__init__()
         self.spec = spec
         self.encoder = encoder
-        self.fc_mu = nn.Linear(feature_dim, spec.latent_dim)
-        self.fc_logvar = nn.Linear(feature_dim, spec.latent_dim)
+        self.fc_mu = nn.Linear(feature_dim + spec.n_classes, spec.latent_dim)
+        self.fc_logvar = nn.Linear(feature_dim + spec.n_classes, spec.latent_dim)
         self.decoder = self.build_decoder(spec)
 
     @classmethod
@@ -211,9 +223,16 @@ class VAE(nn.Module):
         """Return a freshly initialised decoder for ``spec``."""
         raise NotImplementedError
 
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _condition(self, h: Tensor, y: Tensor | None) -> Tensor:
+        if not self.spec.n_classes:
+            return h
+        if y is None:
+            raise ValueError("a conditional VAE needs the labels y")
+        return torch.cat([h, one_hot(y, self.spec.n_classes, dtype=h.dtype)], dim=1)
+
+    def encode(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Return the posterior ``(mu, logvar)``, each ``(B, latent_dim)``."""
-        features = self.encoder(x)
+        features = self._condition(self.encoder(x), y)
         return self.fc_mu(features), self.fc_logvar(features)
 
     def reparameterize(self, mu: Tensor, logvar: Tensor) -> Tensor:
@@ -222,14 +241,23 @@ class VAE(nn.Module):
             return mu
         return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
 
-    def decode(self, z: Tensor) -> Tensor:
-        """Map latents ``(B, latent_dim)`` to images ``(B, C, H, W)`` in ``[0, 1]``."""
-        return self.decoder(z)
+    def decode(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        """Map latents ``(B, latent_dim)`` (and labels, if conditional) to images in ``[0, 1]``."""
+        return self.decoder(self._condition(z, y))
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Return ``(recon, mu, logvar)`` for images ``x`` of shape ``(B, C, H, W)``."""
-        mu, logvar = self.encode(x)
-        return self.decode(self.reparameterize(mu, logvar)), mu, logvar
+        mu, logvar = self.encode(x, y)
+        return self.decode(self.reparameterize(mu, logvar), y), mu, logvar
+
+
+def one_hot(y: Tensor, n_classes: int, *, dtype: torch.dtype = torch.float32) -> Tensor:
+    """One-hot rows of the labels ``y`` (B,) as ``(B, n_classes)``.
+
+    >>> one_hot(torch.tensor([2, 0]), 3).tolist()
+    [[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]
+    """
+    return torch.nn.functional.one_hot(y.long(), n_classes).to(dtype)
 
 
 def _maybe_sn(layer: nn.Module, spec: ModelSpec) -> nn.Module:
@@ -245,7 +273,7 @@ class MLPVAE(VAE):
     @staticmethod
     def build_decoder(spec: ModelSpec) -> nn.Module:
         """Return ``latent-128-256-512-784`` with ReLU, Sigmoid and a reshape."""
-        widths = [spec.latent_dim, *reversed(spec.hidden)]
+        widths = [spec.decoder_input_dim, *reversed(spec.hidden)]
         layers: list[nn.Module] = []
         for n_in, n_out in zip(widths[:-1], widths[1:]):
             layers += [_maybe_sn(nn.Linear(n_in, n_out), spec), nn.ReLU()]
@@ -294,7 +322,7 @@ class ConvVAE(VAE):
         grid = ConvVAE._grid(spec)
         channels = [*reversed(spec.hidden), spec.image_shape[0]]
         layers: list[nn.Module] = [
-            _maybe_sn(nn.Linear(spec.latent_dim, math.prod(grid)), spec),
+            _maybe_sn(nn.Linear(spec.decoder_input_dim, math.prod(grid)), spec),
             nn.ReLU(),
             nn.Unflatten(1, grid),
         ]

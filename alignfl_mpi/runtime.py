@@ -171,6 +171,7 @@ class ClientLoop:
         self.local_rank = local_rank
         self.state: LocalState | None = None
         self.data: torch.Tensor | None = None
+        self.labels: torch.Tensor | None = None
         self.setup_error: BaseException | None = None
         self.outliers: np.ndarray = np.zeros((0, 28, 28), np.uint8)
         self.global_state: dict[str, np.ndarray] | None = None  # FedAvg/FedProx only
@@ -207,6 +208,7 @@ class ClientLoop:
             device = pick_device(ccfg.device, local_rank=self.local_rank)
             part = read_client(partition_path(self.cfg), self.client_id)
             self.data = images_to_tensor(part.images)
+            self.labels = torch.from_numpy(part.labels)
             self.state = new_local_state(self.client_id, ccfg, seed=self.cfg.seed, device=device)
             self.state.extra["total_rounds"] = self.cfg.rounds
             self.outliers = part.images[part.outlier]
@@ -259,7 +261,8 @@ class ClientLoop:
         """One round of local training (tests replace this to inject faults)."""
         assert self.state is not None and self.data is not None
         if self.cfg.strategy == "align-fl":
-            return run_local_round(self.state, self.data, round_=round_, seed=self.cfg.seed)
+            return run_local_round(self.state, self.data, round_=round_, seed=self.cfg.seed,
+                                   labels=self.labels)
         if self.global_state is None:
             raise AlignFLError(f"{self.cfg.strategy}: no global model received before round "
                                f"{round_}")
@@ -472,6 +475,9 @@ class Server:
             server_metrics = self.state.average_pending()  # FedAvg/FedProx: no server training
         elif len(images):
             server_metrics = self.state.train_global(images, round_=r)
+            if cfg.server.classifier_epochs:
+                server_metrics.update(self.state.train_classifier(
+                    images, self.state.last_classes, round_=r))
         else:
             log.warning("round %d: no decoder stored yet; the global model is not trained", r)
             server_metrics = {"n_synthetic": 0.0}
@@ -570,7 +576,7 @@ class Server:
         if "loss" in server:
             parts.append(f"server loss {server['loss']:.2f}")
         for key, label in (("latent_accuracy", "latent acc"), ("latent_f1", "f1"),
-                           ("recon_error", "recon")):
+                           ("recon_error", "recon"), ("task_accuracy", "task acc")):
             if key in evaluation:
                 parts.append(f"{label} {evaluation[key]:.3f}")
         parts.append(f"{timings['round']:.1f} s")
@@ -602,7 +608,7 @@ class Server:
             decoders[cid] = {"spec": e.spec.to_dict(), "round": e.round,
                              "state": {k: v.detach().cpu().numpy()
                                        for k, v in e.decoder.state_dict().items()},
-                             "prior": e.prior.to_arrays()}
+                             "prior": self.state._prior_arrays(e)}
         self.writer.write_final(
             global_state={k: v.detach().cpu().numpy() for k, v in self.state.vae.state_dict().items()},
             global_spec=self.state.spec.to_dict(), decoders=decoders)

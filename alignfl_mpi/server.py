@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .client import model_spec, round_seed
+from .client import CLASS_WEIGHTS, model_spec, round_seed
 from .config import RunConfig
 from .errors import AlignFLError, MessageError
 from .models import ModelSpec, build_decoder, build_vae, decoder_state_shapes, vae_loss
@@ -36,6 +36,42 @@ class DecoderEntry:
     prior: GaussianMixturePrior
     round: int
     metrics: dict[str, float]
+    class_weights: np.ndarray | None = None  # conditional decoders: label distribution
+
+    def sample(self, n: int, *, generator: torch.Generator,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` images (prior -> decoder) and their class labels (-1 if unconditional)."""
+        z = self.prior.sample(n, generator=generator).to(device)
+        if self.class_weights is None:
+            return self.decoder(z), torch.full((n,), -1, dtype=torch.long)
+        y = torch.multinomial(torch.from_numpy(self.class_weights).double(), n,
+                              replacement=True, generator=generator)
+        n_classes = self.spec.n_classes
+        onehot = torch.nn.functional.one_hot(y, n_classes).float().to(device)
+        return self.decoder(torch.cat([z, onehot], dim=1)), y
+
+
+def split_class_weights(model: ModelSpec, prior: dict[str, np.ndarray]
+                        ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Separate a conditional decoder's label distribution from its latent prior.
+
+    Raises:
+        MessageError: A conditional decoder without a valid distribution, or an
+            unconditional one with one.
+    """
+    prior = dict(prior)
+    weights = prior.pop(CLASS_WEIGHTS, None)
+    if not model.n_classes:
+        if weights is not None:
+            raise MessageError("class weights sent with an unconditional decoder")
+        return prior, None
+    if weights is None or weights.shape != (model.n_classes,):
+        raise MessageError(f"a conditional decoder needs class weights of shape "
+                           f"({model.n_classes},)")
+    weights = np.asarray(weights, np.float64)
+    if not np.isfinite(weights).all() or (weights < 0).any() or abs(weights.sum() - 1) > 1e-4:
+        raise MessageError("class weights must be a probability vector")
+    return prior, weights / weights.sum()
 
 
 def validate_update(*, spec: dict[str, Any], state: dict[str, np.ndarray],
@@ -65,6 +101,7 @@ def validate_update(*, spec: dict[str, Any], state: dict[str, np.ndarray],
                                f"spec says {tuple(shape)}")
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             raise MessageError(f"decoder tensor {name} has non-finite values")
+    prior, _ = split_class_weights(model, prior)
     return model, GaussianMixturePrior.from_arrays(prior, latent_dim=model.latent_dim)
 
 
@@ -100,6 +137,9 @@ class ServerState:
         self.optimizer = torch.optim.Adam(self.vae.parameters(), lr=cfg.server.lr)
         self.registry: dict[int, DecoderEntry] = {}
         self.pending: dict[int, tuple[dict[str, np.ndarray], float]] = {}
+        self.last_classes = torch.empty(0, dtype=torch.long)
+        self.classifier: Any = None  # digit classifier on the synthetic pool (optional)
+        self.classifier_optimizer: Any = None
         self.rounds_done = 0
 
     # --- decoder registry ---------------------------------------------------------------
@@ -116,9 +156,11 @@ class ServerState:
         decoder.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()},
                                 strict=True)
         decoder.to(self.device).eval()
+        _, class_weights = split_class_weights(model, prior)
         self.registry[client_id] = DecoderEntry(client_id=client_id, spec=model,
                                                 decoder=decoder, prior=gm, round=round_,
-                                                metrics=dict(metrics))
+                                                metrics=dict(metrics),
+                                                class_weights=class_weights)
 
     def accept_full(self, client_id: int, *, spec: dict[str, Any], state: dict[str, np.ndarray],
                     round_: int, metrics: dict[str, float]) -> None:
@@ -171,27 +213,30 @@ class ServerState:
 
         Returns:
             ``(images (M*K, C, H, W) float in [0, 1] on the server device, labels (M*K,)
-            client ids)``; empty tensors when no decoder is stored yet.
+            client ids)``; empty tensors when no decoder is stored yet. The class labels
+            of conditional decoders' samples (-1 otherwise) are kept in
+            :attr:`last_classes`.
         """
         n = n_per_client or self.cfg.server.samples_per_client
         gen = torch.Generator().manual_seed(round_seed(self.cfg.seed, SERVER_ROLE, 2 * round_ + 1))
-        images, labels = [], []
+        images, labels, classes = [], [], []
         for cid in sorted(self.registry):
-            entry = self.registry[cid]
-            z = entry.prior.sample(n, generator=gen).to(self.device)
-            images.append(entry.decoder(z).reshape(n, *self.spec.image_shape))
+            x, y = self.registry[cid].sample(n, generator=gen, device=self.device)
+            images.append(x.reshape(n, *self.spec.image_shape))
             labels.append(torch.full((n,), cid, dtype=torch.long))
+            classes.append(y)
         if not images:
+            self.last_classes = torch.empty(0, dtype=torch.long)
             return torch.empty(0, *self.spec.image_shape), torch.empty(0, dtype=torch.long)
+        self.last_classes = torch.cat(classes)
         return torch.cat(images), torch.cat(labels)
 
     @torch.no_grad()
     def sample_client(self, client_id: int, n: int, *, seed: int) -> torch.Tensor:
         """``n`` images from one stored decoder (for grids and privacy measurements)."""
-        entry = self.registry[client_id]
         gen = torch.Generator().manual_seed(seed)
-        z = entry.prior.sample(n, generator=gen).to(self.device)
-        return entry.decoder(z).reshape(n, *self.spec.image_shape)
+        x, _ = self.registry[client_id].sample(n, generator=gen, device=self.device)
+        return x.reshape(n, *self.spec.image_shape)
 
     # --- global training ----------------------------------------------------------------
     def train_global(self, images: torch.Tensor, *, round_: int) -> dict[str, float]:
@@ -219,6 +264,40 @@ class ServerState:
         return {"loss": float(last[0]), "recon": float(last[1]), "kl": float(last[2]),
                 "first_epoch_loss": float(history[0][0]), "n_synthetic": float(n)}
 
+    # --- digit classifier on the labelled synthetic pool ---------------------------------
+    def train_classifier(self, images: torch.Tensor, classes: torch.Tensor, *,
+                         round_: int) -> dict[str, float]:
+        """Train the persistent digit classifier on the pool's labelled digits (0-9).
+
+        Only conditional decoders' samples carry labels; the outlier label 10 and
+        unlabelled samples (-1) are left out.
+        """
+        from .metrics import LeNet
+
+        keep = (classes >= 0) & (classes < 10)
+        if not bool(keep.any()):
+            return {"classifier_samples": 0.0}
+        rs = round_seed(self.cfg.seed, SERVER_ROLE, 2 * round_ + 3)
+        if self.classifier is None:
+            torch.manual_seed(round_seed(self.cfg.seed, SERVER_ROLE, -1 % 2**31))
+            self.classifier = LeNet(n_classes=10).to(self.device)
+            self.classifier_optimizer = torch.optim.Adam(self.classifier.parameters(), lr=1e-3)
+        x, y = images[keep], classes[keep].to(self.device)
+        gen = torch.Generator().manual_seed(rs)
+        self.classifier.train()
+        total = 0.0
+        for _ in range(self.cfg.server.classifier_epochs):
+            order = torch.randperm(len(x), generator=gen)
+            total = 0.0
+            for start in range(0, len(x), self.cfg.server.batch_size):
+                idx = order[start:start + self.cfg.server.batch_size]
+                loss = torch.nn.functional.cross_entropy(self.classifier(x[idx]), y[idx])
+                self.classifier_optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.classifier_optimizer.step()
+                total += loss.item() * len(idx)
+        return {"classifier_loss": total / len(x), "classifier_samples": float(len(x))}
+
     # --- checkpointing ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: model, optimizer, registry, round."""
@@ -228,15 +307,33 @@ class ServerState:
                 "spec": e.spec.to_dict(), "round": e.round, "metrics": e.metrics,
                 "decoder": {k: v.detach().cpu() for k, v in e.decoder.state_dict().items()},
                 "prior": {k: torch.from_numpy(np.array(v))
-                          for k, v in e.prior.to_arrays().items()},
+                          for k, v in self._prior_arrays(e).items()},
             }
-        return {"vae": self.vae.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "registry": registry, "rounds_done": self.rounds_done}
+        out = {"vae": self.vae.state_dict(), "optimizer": self.optimizer.state_dict(),
+               "registry": registry, "rounds_done": self.rounds_done}
+        if self.classifier is not None:
+            out["classifier"] = self.classifier.state_dict()
+            out["classifier_optimizer"] = self.classifier_optimizer.state_dict()
+        return out
+
+    @staticmethod
+    def _prior_arrays(entry: DecoderEntry) -> dict[str, np.ndarray]:
+        arrays = entry.prior.to_arrays()
+        if entry.class_weights is not None:
+            arrays[CLASS_WEIGHTS] = entry.class_weights
+        return arrays
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.vae.load_state_dict(state["vae"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.rounds_done = int(state["rounds_done"])
+        if "classifier" in state:
+            from .metrics import LeNet
+
+            self.classifier = LeNet(n_classes=10).to(self.device)
+            self.classifier.load_state_dict(state["classifier"])
+            self.classifier_optimizer = torch.optim.Adam(self.classifier.parameters(), lr=1e-3)
+            self.classifier_optimizer.load_state_dict(state["classifier_optimizer"])
         self.registry.clear()
         for cid, e in state["registry"].items():
             self.accept(int(cid), spec=e["spec"],

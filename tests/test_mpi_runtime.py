@@ -216,3 +216,17 @@ def test_sweep_runs_each_setting_and_skips_finished(tmp_path):
     assert eps5.clients[0]["epsilon"][0] <= 5.0 * 1.01
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=mpi_env())
     assert proc.returncode == 0 and proc.stderr.count("finished, skipped") == 2, proc.stderr
+
+
+def test_conditional_clients_and_synthetic_classifier(tmp_path):
+    part = tiny_partition(tmp_path / "p.h5", n_clients=2)
+    cfg = write_config(tmp_path / "c.toml", part, tmp_path / "run", n_clients=2, rounds=2)
+    proc = launch(3, "run", "--config", str(cfg), "--set", "client.model.conditional=true",
+                  "--set", "server.classifier_epochs=1")
+    assert proc.returncode == 0, proc.stderr
+    res = load(tmp_path / "run" / "results.h5")
+    assert ((res.eval["task_accuracy"] >= 0) & (res.eval["task_accuracy"] <= 1)).all()
+    assert (res.server["classifier_samples"] == 64).all()
+    assert "task acc" in proc.stderr
+    assert res.final_decoders()[0]["spec"]["n_classes"] == 11
+    assert "class_weights" in res.final_decoders()[0]["prior"]

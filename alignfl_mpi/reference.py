@@ -1,0 +1,143 @@
+"""Reference classifiers for the synthetic-only classifier of ALIGN-FL.
+
+    alignfl-mpi reference --partition data/partitions/<file>.h5 --out runs/reference
+
+Two digit classifiers (the LeNet of :mod:`alignfl_mpi.metrics`), trained on the real
+in-domain images of the same partition (outliers left out) and scored on its real test set:
+
+* ``centralized``: one process trains on the union of all clients' images, an upper bound;
+* ``fedavg-classifier``: FedAvg of the same classifier over the clients' partitions,
+  simulated in one process (client by client, then the sample-weighted mean; the result
+  is the same as a distributed run).
+
+Each writes a results file in the usual schema (``eval/task_accuracy`` per round, or per
+epoch for the centralized one), so ``alignfl-mpi report`` puts them beside the runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .client import round_seed
+from .results import RESULTS_NAME, ResultsWriter
+from .schema import TEST, read_client, read_partition_info, read_split
+from .server import average_states
+
+log = logging.getLogger(__name__)
+
+
+def _tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).unsqueeze(1).float().div(255.0)
+
+
+def train_epochs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                 y: torch.Tensor, *, epochs: int, batch_size: int, seed: int) -> float:
+    """Cross-entropy minibatch training; returns the last epoch's mean loss."""
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    loss_sum = 0.0
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=gen)
+        loss_sum = 0.0
+        for start in range(0, len(x), batch_size):
+            idx = order[start:start + batch_size]
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(idx)
+    return loss_sum / max(1, len(x))
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, x: torch.Tensor, y: np.ndarray) -> float:
+    """Share of ``x`` classified as ``y``."""
+    model.eval()
+    pred = torch.cat([model(x[i:i + 2048]).argmax(1) for i in range(0, len(x), 2048)])
+    return float((pred.numpy() == y).mean())
+
+
+def _client_sets(partition: Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    n = read_partition_info(partition).n_clients
+    sets = []
+    for k in range(n):
+        c = read_client(partition, k)
+        keep = ~c.outlier
+        sets.append((_tensor(c.images[keep]), torch.from_numpy(c.labels[keep])))
+    return sets
+
+
+def _new_net(seed: int) -> torch.nn.Module:
+    from .metrics import LeNet
+
+    torch.manual_seed(seed)
+    return LeNet(n_classes=10)
+
+
+def _writer(out: Path, config: dict[str, Any], partition: Path) -> ResultsWriter:
+    return ResultsWriter(out / RESULTS_NAME, config_json=json.dumps(config, sort_keys=True),
+                         attrs={"partition": str(partition), "n_clients": 0})
+
+
+def centralized(partition: Path, *, out: Path, epochs: int = 5, seed: int = 0,
+                batch_size: int = 128) -> list[float]:
+    """Train on the union of the real partitions; test accuracy after each epoch."""
+    sets = _client_sets(partition)
+    x = torch.cat([s[0] for s in sets])
+    y = torch.cat([s[1] for s in sets])
+    test_x, test_y = read_split(partition, TEST)
+    tx = _tensor(test_x)
+    net = _new_net(seed)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    writer = _writer(out, {"strategy": "centralized", "epochs": epochs, "seed": seed,
+                           "rounds": epochs}, partition)
+    accs = []
+    for e in range(epochs):
+        loss = train_epochs(net, opt, x, y, epochs=1, batch_size=batch_size,
+                            seed=round_seed(seed, 0, e))
+        accs.append(accuracy(net, tx, test_y))
+        writer.write_round(e, clients={}, server={"loss": loss, "n_train": float(len(x))},
+                           evaluation={"task_accuracy": accs[-1]}, timings={})
+        log.info("centralized epoch %d/%d | loss %.4f | task acc %.4f", e + 1, epochs, loss,
+                 accs[-1])
+    writer.write_final(global_state={k: v.numpy() for k, v in net.state_dict().items()},
+                       global_spec={"arch": "lenet"}, decoders={})
+    return accs
+
+
+def fedavg_classifier(partition: Path, *, out: Path, rounds: int = 5, local_epochs: int = 2,
+                      seed: int = 0, batch_size: int = 128) -> list[float]:
+    """FedAvg of the classifier over the partition's clients; test accuracy per round."""
+    sets = _client_sets(partition)
+    test_x, test_y = read_split(partition, TEST)
+    tx = _tensor(test_x)
+    global_net = _new_net(seed)
+    writer = _writer(out, {"strategy": "fedavg-classifier", "rounds": rounds,
+                           "client": {"local_epochs": local_epochs}, "seed": seed}, partition)
+    accs = []
+    for r in range(rounds):
+        states, weights, clients = [], [], {}
+        for k, (x, y) in enumerate(sets):
+            net = _new_net(seed)
+            net.load_state_dict(global_net.state_dict())
+            opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+            loss = train_epochs(net, opt, x, y, epochs=local_epochs, batch_size=batch_size,
+                                seed=round_seed(seed, 1 + k, r))
+            states.append({n: v.detach().numpy() for n, v in net.state_dict().items()})
+            weights.append(float(len(x)))
+            clients[k] = {"status": "ok", "loss": loss, "n_samples": float(len(x))}
+        avg = average_states(states, weights)
+        global_net.load_state_dict({n: torch.from_numpy(v) for n, v in avg.items()})
+        accs.append(accuracy(global_net, tx, test_y))
+        writer.write_round(r, clients=clients, server={"n_averaged": float(len(sets))},
+                           evaluation={"task_accuracy": accs[-1]}, timings={})
+        log.info("fedavg-classifier round %d/%d | task acc %.4f", r + 1, rounds, accs[-1])
+    writer.write_final(global_state={k: v.numpy() for k, v in global_net.state_dict().items()},
+                       global_spec={"arch": "lenet"}, decoders={})
+    return accs
