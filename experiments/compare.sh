@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The paper's comparison, scaled down for a 2-core workstation, on one dataset:
+# ALIGN-FL (paper setup, and with conditional decoders + a synthetic-only classifier),
+# ALIGN-FL with DP (epsilon 10) and with a Lipschitz penalty (lambda 1), FedAvg, FedProx,
+# and the reference classifiers; then one report over all of them.
+#
+#   experiments/compare.sh mnist            # or fashion-mnist
+#   NP=6 ROUNDS=3 LOCAL_EPOCHS=2 OUT=runs/compare experiments/compare.sh mnist
+#
+# Scaled down from the paper's setting: ROUNDS (default 3) rounds of LOCAL_EPOCHS (default 2)
+# local epochs instead of 10; everything else (5 clients in class pairs, 6000 per class,
+# 600 cross-domain outliers on client 0, the MLP VAE with latent_dim 2, 1000 samples per
+# client) is the default. Finished runs are skipped, so a rerun continues.
+set -euo pipefail
+DATASET=${1:-mnist}
+NP=${NP:-6}
+ROUNDS=${ROUNDS:-3}
+LOCAL_EPOCHS=${LOCAL_EPOCHS:-2}
+OUT=${OUT:-runs/compare}/$DATASET
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+common=(--set "data.dataset=\"$DATASET\"" --rounds "$ROUNDS" --set "client.local_epochs=$LOCAL_EPOCHS")
+[ -n "${DATA_ROOT:-}" ] && common+=(--data-root "$DATA_ROOT")
+
+finished() {  # exit 0 when $1/results.h5 holds a finished run
+  python -c "import sys; from alignfl_mpi.results import load; sys.exit(0 if load('$1/results.h5').finished else 1)" 2>/dev/null
+}
+
+run() {
+  local name=$1; shift
+  resume=()
+  if [ -f "$OUT/$name/results.h5" ]; then
+    if finished "$OUT/$name"; then echo "== $name: finished, skipped"; return; fi
+    resume=(--resume)
+  fi
+  echo "== $name"
+  /usr/bin/env time -f "$name: %e s wall" mpiexec -n "$NP" alignfl-mpi run --output "$OUT/$name" "${common[@]}" "$@" "${resume[@]}"
+}
+
+run align-fl
+run align-fl-cond --set client.model.conditional=true --set server.classifier_epochs=2
+run align-fl-dp10 --set client.privacy.mode=\"full\" --set client.privacy.epsilon=10
+run align-fl-lip1 --set client.lipschitz.weight=1.0
+run fedavg --set strategy=\"fedavg\"
+run fedprox --set strategy=\"fedprox\"
+partition=$(python -c "import sys; from alignfl_mpi.results import load; print(load('$OUT/align-fl/results.h5').attrs['partition'])")
+[ -f "$OUT/reference/centralized/results.h5" ] || \
+  alignfl-mpi reference --partition "$partition" --out "$OUT/reference" --rounds "$ROUNDS" --local-epochs "$LOCAL_EPOCHS"
+alignfl-mpi report "$OUT"/align-fl "$OUT"/align-fl-cond "$OUT"/align-fl-dp10 "$OUT"/align-fl-lip1 \
+  "$OUT"/fedavg "$OUT"/fedprox "$OUT"/reference/centralized "$OUT"/reference/fedavg-classifier \
+  --out "$OUT/report"
