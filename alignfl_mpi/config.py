@@ -255,7 +255,12 @@ class RunConfig:
         """The resolved config of one client: ``client`` with its override applied."""
         base = to_dict(self.client)
         if self.clients:
-            base = _merge(base, self.clients[client_id])
+            override = self.clients[client_id]
+            model = override.get("model")
+            if isinstance(model, dict) and model.get("arch", base["model"]["arch"]) != \
+                    base["model"]["arch"] and "hidden" not in model:
+                base["model"]["hidden"] = []  # another architecture: its own default widths
+            base = _merge(base, override)
         return from_dict(ClientConfig, base, where=f"clients[{client_id}]")
 
 
@@ -460,6 +465,7 @@ def validate(cfg: RunConfig) -> None:
         _positive(f"{where}.lipschitz.weight", c.lipschitz.weight, allow_zero=True)
         _positive(f"{where}.lipschitz.target", c.lipschitz.target)
         _check_choice(f"{where}.model.arch", c.model.arch, ("mlp", "conv"), registry=True)
+        _check_model(f"{where}.model", c.model)
         from .privacy import validate_private_client  # lazy: privacy imports torch
 
         validate_private_client(c)
@@ -474,6 +480,7 @@ def validate(cfg: RunConfig) -> None:
     _positive("server.round_deadline_s", s.round_deadline_s, allow_zero=True)
     _positive("server.max_message_mb", s.max_message_mb)
     _check_device("server.device", s.device)
+    _check_model("server.model", s.model)
     if not 0 <= cfg.data.outlier_client < cfg.n_clients:
         raise ConfigError(f"data.outlier_client {cfg.data.outlier_client} is out of range "
                           f"0..{cfg.n_clients - 1}")
@@ -488,6 +495,16 @@ def _check_choice(where: str, value: str, choices: tuple[str, ...], *,
     if value not in choices:
         raise ConfigError(f"config key {where!r}: unknown value {value!r}; choose one of: "
                           f"{', '.join(choices)}")
+
+
+def _check_model(where: str, model: ModelConfig) -> None:
+    """Build the model-zoo spec now, so a bad model fails at start on every rank."""
+    from .client import model_spec
+
+    try:
+        model_spec(model)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {str(exc).removeprefix('model.')}") from None
 
 
 def _check_device(where: str, device: str) -> None:

@@ -76,3 +76,17 @@ def test_resolved_config_roundtrips_through_json():
     assert data["rounds"] == 3 and data["client"]["model"]["hidden"] == [64, 32, 16]
     from alignfl_mpi.config import from_dict
     assert from_dict(RunConfig, data) == cfg != back
+
+
+def test_per_client_architecture_gets_its_own_default_widths(tmp_path):
+    (tmp_path / "a.toml").write_text(
+        'n_clients = 2\n[client.model]\nhidden = [64, 32, 16]\n'
+        '[[clients]]\n[[clients]]\nmodel = {arch = "conv", latent_dim = 3}\n')
+    cfg = load_config(tmp_path / "a.toml")
+    assert cfg.client_config(0).model.hidden == (64, 32, 16)
+    assert cfg.client_config(1).model.hidden == () and cfg.client_config(1).model.arch == "conv"
+
+
+def test_unbuildable_model_fails_at_load():
+    with pytest.raises(ConfigError, match="client.model: image_shape .* divisible by 8"):
+        load_config(overrides=['client.model.arch="conv"', "client.model.hidden=[8, 8, 8]"])
