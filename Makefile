@@ -29,8 +29,13 @@ data: install
 	  fi; \
 	done
 
+# Each demo run gets its own folder, so a second `make demo` never refuses or overwrites.
+STAMP := $(shell date +%Y%m%d-%H%M%S)
+RUN_DIR ?= runs/demo-$(STAMP)
+
 demo: data
-	PATH=$(abspath $(BIN)):$$PATH mpiexec -n $(NP) $(BIN)/alignfl-mpi run $(ARGS)
+	PATH=$(abspath $(BIN)):$$PATH mpiexec -n $(NP) $(BIN)/alignfl-mpi run --output $(RUN_DIR) $(ARGS)
+	$(BIN)/alignfl-mpi report $(RUN_DIR) --out $(RUN_DIR)/report
 
 test: install
 	PATH=$(abspath $(BIN)):$$PATH $(PY) -m pytest -q $(PYTEST_ARGS)
