@@ -132,6 +132,8 @@ class RoundEvaluator:
                                                    min(QUALITY_POINTS, len(self.test_images)),
                                                    replace=False)
             self.quality_real = (self.test_images[np.sort(pick)], self.test_labels[np.sort(pick)])
+            if self.feature_net is not None:  # the real set is fixed: its features once
+                self.quality_real_outputs = self.feature_net.outputs(self.quality_real[0])
         self._setup_privacy(attrs)
 
     def _feature_net(self, dataset: str) -> Any:
@@ -263,7 +265,8 @@ class RoundEvaluator:
             sets.append(("pool", pool[0].squeeze(1).cpu().numpy()))
         for name, fake in sets:
             report = quality_report(self.feature_net, *self.quality_real, fake,
-                                    seed=round_, max_points=QUALITY_POINTS)
+                                    seed=round_, max_points=QUALITY_POINTS,
+                                    real_outputs=self.quality_real_outputs)
             out.update({f"{name}_{k}": float(v) for k, v in report.items()
                         if k not in ("n_real", "real_accuracy")})
         return out

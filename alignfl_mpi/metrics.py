@@ -727,6 +727,7 @@ def quality_report(
     k: int = 5,
     max_points: int = 5000,
     min_share: float = 0.01,
+    real_outputs: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, float]:
     """All generative-quality metrics of synthetic images against real ones, flat.
 
@@ -756,11 +757,14 @@ def quality_report(
         k: Neighbour of the k-NN radii.
         max_points: Subsampling limit of the k-NN metrics.
         min_share: Class-coverage threshold of :func:`class_coverage`.
+        real_outputs: ``feature_net.outputs(real_images)`` when the caller already has
+            them (a fixed real set scored against many fake sets).
 
     Returns:
         ``dict[str, float]``.
     """
-    real_feats, real_probs = feature_net.outputs(real_images)
+    real_feats, real_probs = (real_outputs if real_outputs is not None
+                              else feature_net.outputs(real_images))
     fake_feats, fake_probs = feature_net.outputs(fake_images)
     n_classes = fake_probs.shape[1]
     report: dict[str, float] = {"fid_lenet": fid_lenet(real_feats, fake_feats)}

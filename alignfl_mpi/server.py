@@ -24,6 +24,7 @@ from .prior import GaussianMixturePrior, standard_normal_prior
 log = logging.getLogger(__name__)
 
 SERVER_ROLE = 0  # role id for derived seeds; clients use 1 + client_id
+CLASSIFIER_INIT = 2**31 - 1  # "round" of the digit classifier's initial weights
 
 
 @dataclass
@@ -279,7 +280,7 @@ class ServerState:
             return {"classifier_samples": 0.0}
         rs = round_seed(self.cfg.seed, SERVER_ROLE, 2 * round_ + 3)
         if self.classifier is None:
-            torch.manual_seed(round_seed(self.cfg.seed, SERVER_ROLE, -1 % 2**31))
+            torch.manual_seed(round_seed(self.cfg.seed, SERVER_ROLE, CLASSIFIER_INIT))
             self.classifier = LeNet(n_classes=10).to(self.device)
             self.classifier_optimizer = torch.optim.Adam(self.classifier.parameters(), lr=1e-3)
         x, y = images[keep], classes[keep].to(self.device)
