@@ -6,6 +6,9 @@ Two kinds of file are written, told apart by the root attribute ``kind``:
 * ``results`` — one run's results (names below; written by :mod:`alignfl_mpi.results`).
 
 Every file carries ``schema_version``; readers refuse other versions with a clear error.
+Partition files are at :data:`SCHEMA_VERSION`; results files at
+:data:`RESULTS_SCHEMA_VERSION` (version 2 numbers rounds from 1; version 1 files, whose
+rounds count from 0, are still read and renumbered by :func:`alignfl_mpi.results.load`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,11 @@ import numpy as np
 
 from .errors import SchemaError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1                  # partition files
+#: Results files: 2 numbers rounds from 1 (``/rounds/0001`` is the first round); 1 from 0.
+RESULTS_SCHEMA_VERSION = 2
+#: Results versions :func:`_open` accepts (older ones are renumbered on load).
+RESULTS_READABLE_VERSIONS = (1, 2)
 OUTLIER_LABEL = 10
 
 # --- partition file -------------------------------------------------------------------
@@ -162,10 +169,12 @@ def _open(path: str | os.PathLike, kind: str) -> h5py.File:
     if found != kind:
         f.close()
         raise SchemaError(f"{path}: not a {kind} file (kind={found!r})")
-    if version != SCHEMA_VERSION:
+    readable = RESULTS_READABLE_VERSIONS if kind == RESULTS_KIND else (SCHEMA_VERSION,)
+    if _decode_attr(version) not in readable:
         f.close()
+        versions = " or ".join(str(v) for v in readable)
         raise SchemaError(f"{path}: schema_version {version} is not supported (this "
-                          f"alignfl_mpi reads version {SCHEMA_VERSION}); re-create the file")
+                          f"alignfl_mpi reads version {versions}); re-create the file")
     return f
 
 
