@@ -160,13 +160,25 @@ def build_update(state: LocalState, prior: GaussianMixturePrior,
     In DP modes the exact training losses stay on the client (they are computed on
     private data without noise, so the accountant would not cover them).
     """
+    spec = model_spec(state.cfg.model).to_dict()
+    return SharedUpdate(spec=spec, state=decoder_arrays(state.vae), prior=prior.to_arrays(),
+                        metrics=shared_metrics(state, metrics))
+
+
+def shared_metrics(state: LocalState, metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics a client may send: in DP modes without ``privacy.LOCAL_ONLY_METRICS``.
+
+    Those (exact losses, the penalty, the round's wall time ``train_s``) depend on private
+    data without noise; they are logged here instead.
+    """
     if state.cfg.privacy.mode != "none":
         from .privacy import LOCAL_ONLY_METRICS
 
+        kept = {k: v for k, v in metrics.items() if k in LOCAL_ONLY_METRICS}
+        log.info("client %d round %d (local only): %s", state.client_id, state.rounds_done - 1,
+                 ", ".join(f"{k}={v:.4g}" for k, v in kept.items()))
         metrics = {k: v for k, v in metrics.items() if k not in LOCAL_ONLY_METRICS}
-    spec = model_spec(state.cfg.model).to_dict()
-    return SharedUpdate(spec=spec, state=decoder_arrays(state.vae), prior=prior.to_arrays(),
-                        metrics={k: float(v) for k, v in metrics.items()})
+    return {k: float(v) for k, v in metrics.items()}
 
 
 def run_local_round(state: LocalState, data: torch.Tensor, *, round_: int,
@@ -224,12 +236,28 @@ def proximal_penalty(vae: torch.nn.Module, anchor: dict[str, torch.Tensor], *,
     return penalty
 
 
+def _sum_penalties(*terms: Any) -> Any:
+    """One ``train_epochs`` penalty that adds up the given ones (``None`` entries skipped)."""
+    active = [t for t in terms if t is not None]
+    if len(active) <= 1:
+        return active[0] if active else None
+
+    def total(vae: torch.nn.Module, mu: torch.Tensor) -> tuple[torch.Tensor, float]:
+        values = [t(vae, mu) for t in active]
+        return sum(v for v, _ in values), sum(f for _, f in values)
+    return total
+
+
 def run_averaging_round(state: LocalState, data: torch.Tensor, global_state: dict[str, Any], *,
                         round_: int, seed: int, mu: float = 0.0) -> SharedUpdate:
     """FedAvg (``mu = 0``) or FedProx: start from the global weights, train, share everything.
 
     The baselines share the whole VAE (encoder included) with an N(0, I) prior; a fresh
-    Adam optimizer is used every round, as in the usual FedAvg client.
+    Adam optimizer is used every round, as in the usual FedAvg client. With
+    ``privacy.mode = "full"`` this is DP-FedAvg / DP-FedProx: the same DP-SGD trainer and
+    accountant as ALIGN-FL (``privacy.train_private_round``, ``prior = "standard"``), with
+    the proximal term's gradient added after the noise (it reads no data). The Lipschitz
+    penalty (``lipschitz.weight > 0``) is honoured as in ALIGN-FL.
     """
     start = time.perf_counter()
     rs = round_seed(seed, 1 + state.client_id, round_)
@@ -239,13 +267,26 @@ def run_averaging_round(state: LocalState, data: torch.Tensor, global_state: dic
     state.vae.load_state_dict({k: torch.as_tensor(v) for k, v in global_state.items()},
                               strict=True)
     state.optimizer = torch.optim.Adam(state.vae.parameters(), lr=cfg.lr)
-    penalty = None
+    proximal = None
     if mu > 0:
         anchor = {k: v.detach().clone() for k, v in state.vae.named_parameters()}
-        penalty = proximal_penalty(state.vae, anchor, mu=mu)
-    metrics = train_epochs(state.vae, state.optimizer, data, epochs=cfg.local_epochs,
-                           batch_size=cfg.batch_size, kl_weight=cfg.kl_weight,
-                           generator=generator, device=state.device, penalty=penalty)
+        proximal = proximal_penalty(state.vae, anchor, mu=mu)
+    if cfg.privacy.mode != "none":
+        from .privacy import train_private_round
+
+        regulariser = None if proximal is None else (lambda vae: proximal(vae, None))
+        metrics, _ = train_private_round(state, data, round_=round_, seed=rs,
+                                         generator=generator, regulariser=regulariser)
+    else:
+        lipschitz = None
+        if cfg.lipschitz.weight > 0:
+            from .lipschitz import make_penalty
+
+            lipschitz = make_penalty(cfg.lipschitz, generator=generator)
+        metrics = train_epochs(state.vae, state.optimizer, data, epochs=cfg.local_epochs,
+                               batch_size=cfg.batch_size, kl_weight=cfg.kl_weight,
+                               generator=generator, device=state.device,
+                               penalty=_sum_penalties(proximal, lipschitz))
     state.rounds_done = round_ + 1
     metrics["train_s"] = time.perf_counter() - start
     metrics["n_samples"] = float(len(data))
@@ -253,7 +294,7 @@ def run_averaging_round(state: LocalState, data: torch.Tensor, global_state: dic
             for k, v in state.vae.state_dict().items()}
     return SharedUpdate(spec=model_spec(cfg.model).to_dict(), state=full,
                         prior=standard_normal_prior(cfg.model.latent_dim).to_arrays(),
-                        metrics={k: float(v) for k, v in metrics.items()})
+                        metrics=shared_metrics(state, metrics))
 
 
 def standard_prior_for(state: LocalState) -> GaussianMixturePrior:

@@ -6,6 +6,9 @@ Two things live here:
   (``ClientConfig.lipschitz``). It is evaluated at latent points interpolated between
   the posterior means of the batch, WGAN-GP style, and trains the decoder through a
   double backward (``create_graph=True``).
+* :func:`make_latent_penalty` is the same penalty at latent points drawn from a public
+  distribution (N(0, I) or an already released DP prior). It does not read data, so a
+  DP-SGD client adds its gradient after the noise (``privacy.PrivateTrainer``).
 * :func:`empirical_lipschitz`, :func:`spectral_upper_bound` and :func:`lipschitz_report`
   measure a decoder's Lipschitz constant from below and from above; the server records
   them every round.
@@ -44,6 +47,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -63,12 +67,14 @@ __all__ = [
     "empirical_lipschitz",
     "jacobian_spectral_norms",
     "lipschitz_report",
+    "make_latent_penalty",
     "make_penalty",
     "operator_norm",
     "spectral_upper_bound",
 ]
 
 Penalty = Callable[[nn.Module, Tensor], tuple[Tensor, float]]
+LatentPenalty = Callable[[nn.Module], tuple[Tensor, float]]
 
 PENALTY_FORMS = ("two-sided", "hinge")
 GRAD_NORM_MODES = ("sum", "random", "spectral")
@@ -135,6 +141,69 @@ def make_penalty(
         ConfigError: If the form or the mode is unknown, or the weight or target is
             negative.
     """
+    at = _penalty_at(cfg, generator=generator, grad_norm_mode=grad_norm_mode)
+
+    def penalty(vae: nn.Module, mu: Tensor) -> tuple[Tensor, float]:
+        if cfg.weight == 0.0:
+            zero = mu.new_zeros(())
+            return zero, 0.0
+        return at(vae, _interpolate(mu.detach(), generator))
+
+    return penalty
+
+
+def make_latent_penalty(
+    cfg: LipschitzConfig,
+    *,
+    prior: Any,
+    n_points: int,
+    generator: torch.Generator,
+    grad_norm_mode: str | None = None,
+) -> LatentPenalty:
+    """The gradient penalty of :func:`make_penalty` at ``n_points`` draws from ``prior``.
+
+    Every call draws fresh points ``z ~ prior`` (``prior.sample(n, generator=...)``, e.g. a
+    ``GaussianMixturePrior``: N(0, I) or a released DP prior) instead of interpolating
+    posterior means. Nothing here reads training data, which is what lets a DP-SGD client
+    add this term's gradient after the noise without changing its privacy accounting.
+
+    Args:
+        cfg: Weight, form, target and grad norm mode, as for :func:`make_penalty`.
+        prior: Public latent distribution with ``sample(n, *, generator)``.
+        n_points: Points per call (a fixed number, not the realised batch size).
+        generator: CPU generator of the points (and of ``"random"`` probe directions).
+        grad_norm_mode: As for :func:`make_penalty`.
+
+    Returns:
+        ``penalty(vae) -> (penalty_tensor, float(penalty_tensor))``.
+
+    >>> from alignfl_mpi.prior import standard_normal_prior
+    >>> pen = make_latent_penalty(LipschitzConfig(weight=1.0), prior=standard_normal_prior(2),
+    ...                           n_points=4, generator=torch.Generator().manual_seed(0))
+    >>> vae = type("V", (nn.Module,), {"decode": lambda self, z: 2.0 * z})()
+    >>> round(pen(vae)[1], 6)  # ||J^T 1|| = 2.83 at every point
+    3.343146
+    """
+    if n_points < 1:
+        raise ValueError(f"n_points must be >= 1, got {n_points}")
+    at = _penalty_at(cfg, generator=generator, grad_norm_mode=grad_norm_mode)
+
+    def penalty(vae: nn.Module) -> tuple[Tensor, float]:
+        param = next(iter(vae.parameters()), None)
+        z = prior.sample(n_points, generator=generator)
+        if param is not None:
+            z = z.to(device=param.device, dtype=param.dtype)
+        if cfg.weight == 0.0:
+            return z.new_zeros(()), 0.0
+        return at(vae, z.requires_grad_(True))
+
+    return penalty
+
+
+def _penalty_at(
+    cfg: LipschitzConfig, *, generator: torch.Generator, grad_norm_mode: str | None
+) -> Callable[[nn.Module, Tensor], tuple[Tensor, float]]:
+    """Validate ``cfg``; return ``(vae, z) -> weight * mean(phi(n(z)))`` at given points."""
     mode = grad_norm_mode or getattr(cfg, "grad_norm_mode", "sum")
     if cfg.form not in PENALTY_FORMS:
         raise ConfigError(f"lipschitz.form {cfg.form!r} is unknown; use one of {PENALTY_FORMS}")
@@ -146,11 +215,7 @@ def make_penalty(
                           f"got {cfg.weight} and {cfg.target}")
     weight, target, form = float(cfg.weight), float(cfg.target), cfg.form
 
-    def penalty(vae: nn.Module, mu: Tensor) -> tuple[Tensor, float]:
-        if weight == 0.0:
-            zero = mu.new_zeros(())
-            return zero, 0.0
-        z = _interpolate(mu.detach(), generator)
+    def at(vae: nn.Module, z: Tensor) -> tuple[Tensor, float]:
         norms = _grad_norms(vae.decode, z, mode=mode, generator=generator)
         if form == "two-sided":
             per_point = (norms - 1.0).square()
@@ -159,7 +224,7 @@ def make_penalty(
         value = weight * per_point.mean()
         return value, float(value.detach())
 
-    return penalty
+    return at
 
 
 def _interpolate(mu: Tensor, generator: torch.Generator) -> Tensor:

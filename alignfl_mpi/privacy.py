@@ -3,17 +3,19 @@
 Plain PyTorch/NumPy, no MPI. :func:`train_private_round` is what
 :func:`alignfl_mpi.client.run_local_round` calls when ``privacy.mode != "none"``. One round:
 
-1. **Plan** (:func:`plan_privacy`, once per run, kept in ``state.extra``): split the target
-   (epsilon, delta) between DP-SGD and the prior (simple composition), and turn each share
-   into a noise multiplier with an Opacus accountant.
+1. **Plan** (:func:`plan_privacy`, once per run, kept in ``state.extra``): one noise
+   multiplier for DP-SGD and one for the prior, calibrated jointly so that the composition
+   of all steps and releases in ONE accountant reaches the target (epsilon, delta).
 2. **Train** (:class:`PrivateTrainer`): Poisson-sampled batches; per-sample gradient norms
    and clipped sums from ONE backward pass (:class:`PerSampleClipper`: ghost norms plus
-   book-keeping, see below); Gaussian noise; the client's own Adam step.
+   book-keeping, see below); Gaussian noise; then the gradient of any data-independent
+   regulariser (the Lipschitz penalty at public latent points, FedProx's proximal term) is
+   added to the noisy gradient; the client's own Adam step.
 3. **Prior** (:func:`dp_fit_gmm`): noisy sufficient statistics of a few EM iterations on
    latent means clipped to a ball, or the data-independent N(0, I).
 4. **Account** (:class:`PrivacyLedger`): append this round's mechanisms to the history kept
    in ``state.extra["privacy"]`` (plain lists and floats, so ``--resume`` restores it) and
-   rebuild the accountants from it to report the cumulative epsilon.
+   rebuild the accountants from it to report the cumulative epsilon of the composition.
 
 The per-sample route. For a ``Linear`` layer with input ``a_i`` and output gradient ``g_i``
 the per-sample weight gradient is the outer product ``g_i a_i^T``, so its norm is
@@ -66,12 +68,14 @@ __all__ = [
     "PrivacyLedger",
     "PrivacyPlan",
     "PrivateTrainer",
+    "calibrate_joint",
     "calibrate_noise",
     "clip_to_ball",
     "combined_noise_multiplier",
     "dp_fit_gmm",
     "epsilon_spent",
     "grad_noise_multiplier",
+    "joint_epsilon",
     "make_clip_rule",
     "noisy_prior_statistics",
     "per_sample_vae_loss",
@@ -82,6 +86,7 @@ __all__ = [
     "train_private_round",
     "validate_privacy",
     "validate_private_client",
+    "validate_strategy_privacy",
 ]
 
 log = logging.getLogger(__name__)
@@ -92,7 +97,11 @@ PRIORS = ("dp", "standard")
 EXTRA_KEY = "privacy"
 TOTAL_ROUNDS_KEY = "total_rounds"
 #: Metrics computed on private data without noise: diagnostics that should stay on the client.
-LOCAL_ONLY_METRICS = ("loss", "recon", "kl", "penalty")
+#: ``train_s`` is the wall time of the round, which depends on the realised (secret) Poisson
+#: batch sizes.
+LOCAL_ONLY_METRICS = ("loss", "recon", "kl", "penalty", "train_s")
+#: Strategies that share the whole VAE (encoder included) with an N(0, I) prior.
+AVERAGING_STRATEGIES = ("fedavg", "fedprox")
 #: EM iterations of the DP prior per round (each one is a Gaussian release).
 PRIOR_EM_ITERS = 3
 #: get_noise_multiplier stops within this fraction of the target epsilon (from below).
@@ -102,6 +111,10 @@ CALIBRATION_RTOL = 0.005
 RDP_ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
 RDP_ALPHAS_FULL_BATCH = RDP_ALPHAS + [64, 80, 96, 128, 192, 256, 384, 512, 768, 1024]
 _NORM_EPS = 1e-6  # as Opacus: factor = C / (norm + 1e-6)
+#: Relative margin of the clip factor ``C / (norm (1 + rtol) + eps)``. The norms are computed
+#: in float64; the margin absorbs the float32 rounding of the factor (2^-24) and of the
+#: clipped sum, so a clipped per-sample gradient never exceeds C.
+_NORM_RTOL = 1e-6
 
 
 # --------------------------------------------------------------------------- validation
@@ -153,11 +166,9 @@ def validate_privacy(cfg: PrivacyConfig) -> None:
 def validate_private_client(cfg: ClientConfig) -> None:
     """:func:`validate_privacy` plus the combinations a private client refuses.
 
-    The Lipschitz gradient penalty ``||grad_z D(z)||`` needs a double backward per sample:
-    its gradient with respect to a weight is not the outer product of that layer's input and
-    output gradient, so the one-backward per-sample route cannot clip it, and a per-sample
-    double backward (vmap over the whole VAE) would cost tens of plain steps. Use
-    ``model.spectral_norm = true`` for a Lipschitz decoder under DP instead.
+    The Lipschitz gradient penalty is allowed: under DP it is evaluated at latent points
+    drawn from N(0, I) or from the already released prior, never at encodings of private
+    images, so its gradient is a data-independent regulariser added after the noise.
 
     Raises:
         ConfigError: One line naming the refused combination and the fix.
@@ -165,15 +176,43 @@ def validate_private_client(cfg: ClientConfig) -> None:
     validate_privacy(cfg.privacy)
     if cfg.privacy.mode == "none":
         return
-    if cfg.lipschitz.weight > 0:
-        raise ConfigError(
-            f"privacy.mode = {cfg.privacy.mode!r} cannot be combined with lipschitz.weight > 0 "
-            "(the gradient penalty needs a per-sample double backward that DP-SGD does not "
-            "clip); set lipschitz.weight = 0 and use model.spectral_norm = true instead")
     if cfg.model.spectral_norm and cfg.model.arch != "mlp":
         raise ConfigError(
             f"model.spectral_norm with privacy.mode = {cfg.privacy.mode!r} is supported for "
             f"the mlp architecture only (got arch {cfg.model.arch!r})")
+
+
+def validate_strategy_privacy(strategy: str, cfg: ClientConfig, *, where: str = "client") -> None:
+    """Refuse the DP settings that a federated strategy cannot honour.
+
+    FedAvg and FedProx share the whole VAE, encoder included, with an N(0, I) prior
+    (:func:`alignfl_mpi.client.run_averaging_round`). So ``privacy.mode = "decoder"`` would
+    send a non-private encoder, and a ``dp`` prior would never be released. DP-FedAvg and
+    DP-FedProx therefore need ``mode = "full"`` and ``prior = "standard"``; they run the same
+    DP-SGD trainer and accountant as ALIGN-FL.
+
+    Raises:
+        ConfigError: One line naming the key and the fix.
+
+    >>> validate_strategy_privacy("fedavg", ClientConfig(privacy=PrivacyConfig(
+    ...     mode="full", prior="standard")))
+    >>> validate_strategy_privacy("fedavg", ClientConfig(privacy=PrivacyConfig(
+    ...     mode="decoder", prior="standard")))
+    Traceback (most recent call last):
+    ...
+    alignfl_mpi.errors.ConfigError: strategy 'fedavg' shares the whole VAE, encoder included: client.privacy.mode = 'decoder' would send a non-private encoder; use 'full'
+    """
+    if strategy not in AVERAGING_STRATEGIES or cfg.privacy.mode == "none":
+        return
+    if cfg.privacy.mode != "full":
+        raise ConfigError(
+            f"strategy {strategy!r} shares the whole VAE, encoder included: "
+            f"{where}.privacy.mode = {cfg.privacy.mode!r} would send a non-private encoder; "
+            "use 'full'")
+    if cfg.privacy.prior != "standard":
+        raise ConfigError(
+            f"strategy {strategy!r} shares the N(0, I) prior, so {where}.privacy.prior = "
+            f"{cfg.privacy.prior!r} would spend budget on nothing; set it to 'standard'")
 
 
 # --------------------------------------------------------------------------- accounting
@@ -188,7 +227,7 @@ def _create_accountant(name: str) -> Any:
 def _rdp_kwargs(accountant: str, sample_rates: list[float]) -> dict[str, Any]:
     if accountant != "rdp":
         return {}
-    return {"alphas": RDP_ALPHAS_FULL_BATCH if min(sample_rates) >= 1 else RDP_ALPHAS}
+    return {"alphas": RDP_ALPHAS_FULL_BATCH if max(sample_rates) >= 1 else RDP_ALPHAS}
 
 
 def _accountant_epsilon(accountant: Any, delta: float) -> float:
@@ -255,23 +294,105 @@ def calibrate_noise(*, epsilon: float, delta: float, sample_rate: float, steps: 
                           f"small to calibrate ({exc}); raise privacy.epsilon") from None
 
 
+def _joint_history(*, noise_multiplier: float, sample_rate: float, steps: int,
+                   prior_noise_multiplier: float, prior_releases: int) -> list[list[float]]:
+    history = [[noise_multiplier, sample_rate, steps]]
+    if prior_releases:
+        history.append([prior_noise_multiplier, 1.0, prior_releases])
+    return history
+
+
+def joint_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int,
+                  prior_noise_multiplier: float, prior_releases: int, delta: float,
+                  accountant: str) -> float:
+    """Epsilon of DP-SGD steps and prior releases composed in ONE accountant.
+
+    RDP adds the two mechanisms' Renyi divergences order by order and converts once at
+    ``delta``; PRV composes their privacy-loss distributions. Either is tighter than adding
+    two epsilons computed at split deltas.
+
+    >>> add = (epsilon_spent([[1.0, 0.01, 1000]], delta=0.9e-5, accountant="rdp")
+    ...        + epsilon_spent([[20.0, 1.0, 15]], delta=0.1e-5, accountant="rdp"))
+    >>> joint = joint_epsilon(noise_multiplier=1.0, sample_rate=0.01, steps=1000,
+    ...                       prior_noise_multiplier=20.0, prior_releases=15, delta=1e-5,
+    ...                       accountant="rdp")
+    >>> joint < add
+    True
+    """
+    history = _joint_history(noise_multiplier=noise_multiplier, sample_rate=sample_rate,
+                             steps=steps, prior_noise_multiplier=prior_noise_multiplier,
+                             prior_releases=prior_releases)
+    return epsilon_spent(history, delta=delta, accountant=accountant)
+
+
+@functools.lru_cache(maxsize=64)
+def calibrate_joint(*, epsilon: float, delta: float, sample_rate: float, steps: int,
+                    noise_multiplier: float, prior_noise_multiplier: float,
+                    prior_releases: int, accountant: str) -> float:
+    """The smallest scale s (to ``CALIBRATION_RTOL``) of both noise multipliers that fits.
+
+    Bisection on s for ``joint_epsilon(s sigma, s sigma_p)``, which decreases in s. The
+    ratio ``sigma_p / sigma`` (set by the additive split) is kept.
+
+    Returns:
+        s with ``(1 - CALIBRATION_RTOL) epsilon <= eps(s) <= epsilon``.
+
+    Raises:
+        ConfigError: No scale in (1e-6, 1e6) reaches the target.
+    """
+
+    def eps(scale: float) -> float:
+        return joint_epsilon(noise_multiplier=scale * noise_multiplier,
+                             sample_rate=sample_rate, steps=steps,
+                             prior_noise_multiplier=scale * prior_noise_multiplier,
+                             prior_releases=prior_releases, delta=delta, accountant=accountant)
+
+    low_target = (1 - CALIBRATION_RTOL) * epsilon
+    hi = 1.0
+    e_hi = eps(hi)
+    while e_hi > epsilon:  # the additive split did not fit (not expected): more noise
+        hi *= 2
+        if hi > 1e6:
+            raise ConfigError(f"privacy budget epsilon={epsilon:.4g} is too small to "
+                              "calibrate jointly; raise privacy.epsilon")
+        e_hi = eps(hi)
+    lo = hi / 2
+    while eps(lo) <= epsilon:
+        if e_hi >= low_target:
+            return hi
+        hi, e_hi, lo = lo, eps(lo), lo / 2
+        if lo < 1e-6:
+            return hi
+    while e_hi < low_target:
+        mid = (lo + hi) / 2
+        e_mid = eps(mid)
+        if e_mid > epsilon:
+            lo = mid
+        else:
+            hi, e_hi = mid, e_mid
+    return hi
+
+
 @dataclass(frozen=True, kw_only=True)
 class PrivacyPlan:
     """The noise of a whole run, fixed before the first private step.
 
     Attributes:
         accountant: Primary accountant (``rdp`` or ``prv``).
-        epsilon: Target epsilon of the run (DP-SGD plus prior).
+        epsilon: Target epsilon of the run (DP-SGD and prior composed in one accountant).
         delta: Target delta of the run.
-        sgd_epsilon: DP-SGD share, ``epsilon * (1 - f)`` (``f = 0`` for a standard prior).
-        sgd_delta: DP-SGD share of delta, ``delta * (1 - f)``.
-        prior_epsilon: Prior share, ``epsilon * f``.
-        prior_delta: Prior share of delta, ``delta * f``.
+        sgd_epsilon: DP-SGD share of the additive split that sets the noise ratio,
+            ``epsilon * (1 - f)`` (``f = 0`` for a standard prior).
+        sgd_delta: ``delta * (1 - f)``, the same split.
+        prior_epsilon: Prior share of that split, ``epsilon * f``.
+        prior_delta: ``delta * f``.
         sample_rate: Poisson sampling rate ``q = batch_size / n_samples``.
         steps_per_epoch: ``ceil(n_samples / batch_size)``.
         total_steps: ``total_rounds * local_epochs * steps_per_epoch``.
         noise_multiplier: sigma of the (combined) DP-SGD mechanism, used for accounting.
         prior_noise_multiplier: sigma of each prior release (0 without a DP prior).
+        noise_scale: Joint calibration factor s: both multipliers are s times those of the
+            additive split (1.0 without a DP prior, where there is nothing to compose).
         prior_releases: Gaussian releases of the prior over the run.
         n_samples: Local dataset size the plan is for.
         batch_size: Expected batch size.
@@ -296,6 +417,7 @@ class PrivacyPlan:
     batch_size: int
     local_epochs: int
     total_rounds: int
+    noise_scale: float = 1.0
 
     @property
     def expected_batch_size(self) -> float:
@@ -305,11 +427,14 @@ class PrivacyPlan:
 
 def plan_privacy(cfg: PrivacyConfig, *, n_samples: int, batch_size: int, local_epochs: int,
                  total_rounds: int, prior_iters: int = PRIOR_EM_ITERS) -> PrivacyPlan:
-    """Calibrate the noise of DP-SGD and of the prior for a whole run.
+    """Calibrate the noise of DP-SGD and of the prior for a whole run, jointly.
 
-    Composition: (eps, delta) is split ``(eps (1-f), delta (1-f))`` for DP-SGD and
-    ``(eps f, delta f)`` for the prior, ``f = prior_epsilon_fraction`` with ``prior = "dp"``
-    and 0 otherwise; the run is (eps, delta)-DP by simple (basic) composition.
+    First the additive split: ``(eps (1-f), delta (1-f))`` for DP-SGD and ``(eps f, delta f)``
+    for the prior, ``f = prior_epsilon_fraction`` with ``prior = "dp"`` and 0 otherwise, each
+    turned into a noise multiplier. That fixes the ratio of the two multipliers. Then both
+    are scaled down together (:func:`calibrate_joint`) until the composition of all steps and
+    releases in one accountant reaches (eps, delta). Without a DP prior there is nothing to
+    compose and the plan is the plain DP-SGD calibration.
 
     Args:
         cfg: The privacy config (``mode != "none"``).
@@ -324,8 +449,8 @@ def plan_privacy(cfg: PrivacyConfig, *, n_samples: int, batch_size: int, local_e
 
     >>> p = plan_privacy(PrivacyConfig(mode="full", epsilon=8.0, prior="standard"),
     ...                  n_samples=1000, batch_size=100, local_epochs=2, total_rounds=3)
-    >>> p.total_steps, p.sample_rate, p.prior_releases
-    (60, 0.1, 0)
+    >>> p.total_steps, p.sample_rate, p.prior_releases, p.noise_scale
+    (60, 0.1, 0, 1.0)
     >>> abs(epsilon_spent([[p.noise_multiplier, 0.1, 60]], delta=1e-5, accountant="rdp")
     ...     - 8.0) < 0.04
     True
@@ -340,23 +465,32 @@ def plan_privacy(cfg: PrivacyConfig, *, n_samples: int, batch_size: int, local_e
     sigma = calibrate_noise(epsilon=sgd_eps, delta=sgd_delta, sample_rate=sample_rate,
                             steps=total_steps, accountant=cfg.accountant)
     releases = total_rounds * prior_iters if fraction > 0 else 0
-    prior_sigma = 0.0
+    prior_sigma, scale = 0.0, 1.0
     if releases:
         prior_sigma = calibrate_noise(epsilon=cfg.epsilon * fraction,
                                       delta=cfg.delta * fraction, sample_rate=1.0,
                                       steps=releases, accountant=cfg.accountant)
+        scale = calibrate_joint(epsilon=cfg.epsilon, delta=cfg.delta, sample_rate=sample_rate,
+                                steps=total_steps, noise_multiplier=sigma,
+                                prior_noise_multiplier=prior_sigma, prior_releases=releases,
+                                accountant=cfg.accountant)
     return PrivacyPlan(
         accountant=cfg.accountant, epsilon=cfg.epsilon, delta=cfg.delta,
         sgd_epsilon=sgd_eps, sgd_delta=sgd_delta, prior_epsilon=cfg.epsilon * fraction,
         prior_delta=cfg.delta * fraction, sample_rate=sample_rate,
-        steps_per_epoch=steps_per_epoch, total_steps=total_steps, noise_multiplier=sigma,
-        prior_noise_multiplier=prior_sigma, prior_releases=releases, n_samples=n_samples,
-        batch_size=batch_size, local_epochs=local_epochs, total_rounds=total_rounds)
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+        noise_multiplier=scale * sigma, prior_noise_multiplier=scale * prior_sigma,
+        prior_releases=releases, n_samples=n_samples, batch_size=batch_size,
+        local_epochs=local_epochs, total_rounds=total_rounds, noise_scale=scale)
+
+
+#: Stored with each plan; a plan made by an older composition rule is recalibrated.
+COMPOSITION = "joint"
 
 
 def _plan_key(cfg: PrivacyConfig, **inputs: int) -> dict[str, Any]:
     keys = ("epsilon", "delta", "accountant", "prior", "prior_epsilon_fraction")
-    return {**{k: getattr(cfg, k) for k in keys}, **inputs}
+    return {**{k: getattr(cfg, k) for k in keys}, **inputs, "composition": COMPOSITION}
 
 
 def _merge_step(history: list[list[float]], sigma: float, rate: float, steps: int) -> None:
@@ -408,7 +542,8 @@ class PrivacyLedger:
         key = _plan_key(cfg, n_samples=n_samples, batch_size=batch_size,
                         local_epochs=local_epochs, total_rounds=total_rounds)
         if self.plan and self.plan_key == key:
-            return PrivacyPlan(**self.plan)
+            return PrivacyPlan(**{k: v for k, v in self.plan.items()
+                                  if k in PrivacyPlan.__dataclass_fields__})
         if self.plan:
             log.warning("privacy plan inputs changed mid-run (%s -> %s): recalibrating; the "
                         "accountant still composes every step actually taken",
@@ -431,11 +566,19 @@ class PrivacyLedger:
         """Account ``releases`` Gaussian releases of the prior (no subsampling)."""
         _merge_step(self.prior_history, sigma, 1.0, releases)
 
-    def spent(self, plan: PrivacyPlan, accountant: str) -> tuple[float, float]:
-        """``(epsilon of DP-SGD, epsilon of the prior)`` so far under ``accountant``."""
-        return (epsilon_spent(self.sgd_history, delta=plan.sgd_delta, accountant=accountant),
-                epsilon_spent(self.prior_history, delta=plan.prior_delta or plan.delta,
-                              accountant=accountant))
+    def spent(self, plan: PrivacyPlan, accountant: str) -> float:
+        """Epsilon so far at ``plan.delta``: every step and release in ONE ``accountant``."""
+        return epsilon_spent(self.sgd_history + self.prior_history, delta=plan.delta,
+                             accountant=accountant)
+
+    def parts(self, plan: PrivacyPlan, accountant: str) -> tuple[float, float]:
+        """``(epsilon of DP-SGD alone, epsilon of the prior alone)``, each at ``plan.delta``.
+
+        For information: each part's own epsilon. Their sum is an upper bound of
+        :meth:`spent`, which is the guarantee.
+        """
+        return (epsilon_spent(self.sgd_history, delta=plan.delta, accountant=accountant),
+                epsilon_spent(self.prior_history, delta=plan.delta, accountant=accountant))
 
 
 # --------------------------------------------------------------------------- clipping rules
@@ -629,7 +772,7 @@ class _LinearUnit(_Unit):
         return a.flatten(1, -2), g.flatten(1, -2)  # (B, T, d): per-sample sums over T
 
     def sq_norms(self) -> Tensor:
-        a, g = self._flat()
+        a, g = (t.double() for t in self._flat())
         if a.dim() == 2:
             sq = g.pow(2).sum(1) * a.pow(2).sum(1)
         else:
@@ -640,7 +783,7 @@ class _LinearUnit(_Unit):
 
     def clipped_sums(self, factors: Tensor) -> list[Tensor]:
         a, g = self._flat()
-        cg = g * factors.view(-1, *([1] * (g.dim() - 1)))
+        cg = g * factors.to(g.dtype).view(-1, *([1] * (g.dim() - 1)))
         sums = [cg.reshape(-1, cg.shape[-1]).T @ a.reshape(-1, a.shape[-1])]
         if "bias" in self.tensor_names:
             sums.append(cg.reshape(-1, cg.shape[-1]).sum(0))
@@ -685,10 +828,11 @@ class _VmapUnit(_Unit):
         return self._per_sample
 
     def sq_norms(self) -> Tensor:
-        return sum(g.flatten(1).pow(2).sum(1) for g in self._grads().values())
+        return sum(g.flatten(1).double().pow(2).sum(1) for g in self._grads().values())
 
     def clipped_sums(self, factors: Tensor) -> list[Tensor]:
-        return [torch.einsum("b,b...->...", factors, g) for g in self._grads().values()]
+        return [torch.einsum("b,b...->...", factors.to(g.dtype), g)
+                for g in self._grads().values()]
 
     def zero_sums(self) -> list[Tensor]:
         return [torch.zeros_like(p) for p in self.params.values()]
@@ -781,7 +925,11 @@ class PerSampleClipper:
 
     @torch.no_grad()
     def norms(self) -> Tensor:
-        """Per-sample gradient norms (over all privatised tensors) of the last backward."""
+        """Per-sample gradient norms (over all privatised tensors) of the last backward.
+
+        Float64: in float32 the ghost norm ``|g| |a|`` was off by a few 1e-6 relative,
+        more than ``_NORM_EPS``, so a clipped gradient could exceed C.
+        """
         if self._norms is None:
             self._norms = sum(u.sq_norms() for u in self.units).sqrt()
         return self._norms
@@ -809,6 +957,20 @@ class PerSampleClipper:
 # --------------------------------------------------------------------------- DP-SGD
 
 
+def clip_factors(norms: Tensor, bound: float) -> Tensor:
+    """Per-sample clip factors ``min(1, C / (norm (1 + 1e-6) + 1e-6))`` in float64.
+
+    The relative margin keeps every clipped norm at or below C after the factor is rounded
+    to float32 and multiplied in float32.
+
+    >>> clip_factors(torch.tensor([0.5, 2.0], dtype=torch.float64), 1.0).tolist()[0]
+    1.0
+    >>> float(clip_factors(torch.tensor([2.0], dtype=torch.float64), 1.0)[0] * 2.0) < 1.0
+    True
+    """
+    return (bound / (norms * (1 + _NORM_RTOL) + _NORM_EPS)).clamp(max=1.0)
+
+
 def per_sample_vae_loss(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *,
                         kl_weight: float) -> tuple[Tensor, Tensor, Tensor]:
     """Per-sample ``(loss, recon, kl)``, each ``(B,)``; their means are ``models.vae_loss``.
@@ -823,12 +985,36 @@ def per_sample_vae_loss(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *,
     return rec + kl_weight * kl, rec, kl
 
 
+#: A data-independent loss term: ``regulariser(vae) -> (tensor, float(tensor))``.
+Regulariser = Callable[[nn.Module], tuple[Tensor, float]]
+
+
+@contextlib.contextmanager
+def _frozen_parametrizations(module: nn.Module) -> Iterator[None]:
+    """Parametrisation modules (spectral norm's power iteration) in eval mode inside."""
+    inner = [m for p in module.modules() if isinstance(p, parametrize.ParametrizationList)
+             for m in p.modules()]
+    modes = [m.training for m in inner]
+    for m in inner:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, mode in zip(inner, modes):
+            m.training = mode
+
+
 class PrivateTrainer:
     """DP-SGD on a client's VAE with Poisson sampling and the client's own optimizer.
 
     ``mode = "full"`` privatises every parameter. ``mode = "decoder"`` privatises the
     decoder; the encoder and latent heads get plain (unclipped, noiseless) mean gradients in
     the same backward and the same Adam step.
+
+    ``regulariser(vae) -> (tensor, float)`` is an optional loss term that does not read
+    private data (the Lipschitz penalty at public latent points, FedProx's proximal term).
+    Its gradient is added after the noise, so the private path (sampling, clipping, noise,
+    generators) is the same with or without it, and so is the accounting: post-processing.
 
     Attributes:
         grad_noise_multiplier: Multiplier of the gradient noise actually added (sigma, or the
@@ -839,8 +1025,10 @@ class PrivateTrainer:
 
     def __init__(self, vae: nn.Module, optimizer: torch.optim.Optimizer, *, mode: str,
                  plan: PrivacyPlan, rule: ClipRule, kl_weight: float, device: torch.device,
-                 seed: int) -> None:
+                 seed: int, regulariser: Regulariser | None = None) -> None:
         self.vae, self.optimizer, self.plan, self.rule = vae, optimizer, plan, rule
+        self.regulariser = regulariser
+        self.regulariser_value = 0.0
         self.kl_weight, self.device = kl_weight, device
         private = vae if mode == "full" else vae.decoder
         self.clipper = PerSampleClipper(private)
@@ -864,6 +1052,20 @@ class PrivateTrainer:
             tensor.div_(self.plan.expected_batch_size)
         return sums
 
+    def add_regulariser(self) -> None:
+        """Accumulate the regulariser's gradient into ``.grad`` (after the noise).
+
+        Spectral-norm parametrisations are held in eval mode meanwhile, so the regulariser's
+        forward pass uses the same normalised weights as the private step and does not
+        advance their power iteration.
+        """
+        if self.regulariser is None:
+            return
+        with _frozen_parametrizations(self.vae):
+            value, self.regulariser_value = self.regulariser(self.vae)
+            if value.requires_grad:
+                value.backward()
+
     def step(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One DP-SGD step on the (Poisson-sampled, possibly empty) batch ``x``.
 
@@ -871,7 +1073,7 @@ class PrivateTrainer:
             Per-sample ``(loss, recon, kl)`` of the batch, detached.
         """
         self.optimizer.zero_grad(set_to_none=True)
-        norms = torch.zeros(0, device=self.device)
+        norms = torch.zeros(0, device=self.device, dtype=torch.float64)
         public_grads: list[Tensor | None] = []
         if len(x):
             with self.clipper.capture():
@@ -883,12 +1085,13 @@ class PrivateTrainer:
             losses = rec = kl = torch.zeros(0, device=self.device)
         bound = self.rule.batch_bound(norms)
         if len(x):
-            sums = self.clipper.clipped_sums((bound / (norms + _NORM_EPS)).clamp(max=1.0))
+            sums = self.clipper.clipped_sums(clip_factors(norms, bound))
         else:
             sums = self.clipper.zero_sums()
         self.clipper.write_grads(self.privatize(sums, bound))
         for p, grad in zip(self.public_params, public_grads):
             p.grad = None if grad is None else grad / len(x)
+        self.add_regulariser()
         self.optimizer.step()
         self.rule.update(norms, expected_batch_size=self.plan.expected_batch_size,
                          generator=self.noise)
@@ -901,18 +1104,24 @@ class PrivateTrainer:
         return mask.nonzero(as_tuple=True)[0]
 
     def train(self, data: Tensor, *, epochs: int) -> dict[str, float]:
-        """``epochs`` x ``steps_per_epoch`` steps; the last epoch's mean loss terms."""
+        """``epochs`` x ``steps_per_epoch`` steps; the last epoch's mean loss terms.
+
+        With a regulariser, ``penalty`` is its mean value per step of the last epoch.
+        """
         self.vae.train()
         metrics: dict[str, float] = {}
         for _ in range(epochs):
-            sums, seen = torch.zeros(3, dtype=torch.float64), 0
+            sums, seen, penalty = torch.zeros(3, dtype=torch.float64), 0, 0.0
             for _ in range(self.plan.steps_per_epoch):
                 x = data[self.sample_batch(len(data))].to(self.device, non_blocking=True)
                 terms = self.step(x)
                 sums += torch.stack([t.sum().double().cpu() for t in terms])
                 seen += len(x)
+                penalty += self.regulariser_value
             sums /= max(seen, 1)
             metrics = dict(zip(("loss", "recon", "kl"), sums.tolist()))
+            if self.regulariser is not None:
+                metrics["penalty"] = penalty / self.plan.steps_per_epoch
         return metrics
 
 
@@ -1053,15 +1262,16 @@ def _total_rounds(extra: dict[str, Any]) -> int:
 
 def _report(ledger: PrivacyLedger, plan: PrivacyPlan, *, rule: ClipRule,
             trainer: PrivateTrainer, accounted: bool) -> dict[str, float]:
-    sgd, prior = ledger.spent(plan, plan.accountant)
+    sgd, prior = ledger.parts(plan, plan.accountant)
     other = "prv" if plan.accountant == "rdp" else "rdp"
     try:
-        cross = sum(ledger.spent(plan, other))
+        cross = ledger.spent(plan, other)
     except (ValueError, RuntimeError, ArithmeticError) as exc:  # a cross-check only
         log.warning("%s cross-check accountant failed: %s", other, exc)
         cross = float("nan")
     return {
-        "epsilon": sgd + prior, "epsilon_sgd": sgd, "epsilon_prior": prior,
+        "epsilon": ledger.spent(plan, plan.accountant), "epsilon_sgd": sgd,
+        "epsilon_prior": prior,
         f"epsilon_{other}": cross, "epsilon_target": plan.epsilon, "delta": plan.delta,
         "noise_multiplier": plan.noise_multiplier,
         "grad_noise_multiplier": trainer.grad_noise_multiplier,
@@ -1072,22 +1282,58 @@ def _report(ledger: PrivacyLedger, plan: PrivacyPlan, *, rule: ClipRule,
     }
 
 
+def public_penalty(state: LocalState, ledger: PrivacyLedger, plan: PrivacyPlan, *,
+                   generator: torch.Generator) -> Regulariser | None:
+    """The Lipschitz penalty of a private client, at latent points that are not data.
+
+    The points are ``B`` (the configured batch size, not the realised Poisson one) draws
+    per step from the prior this client released last round (already private), or from
+    N(0, I) before the first release or with ``prior = "standard"``. So the penalty and its
+    gradient are functions of the current weights and public randomness only.
+    """
+    cfg = state.cfg
+    if cfg.lipschitz.weight <= 0:
+        return None
+    from .lipschitz import make_latent_penalty
+
+    prior = (GaussianMixturePrior(**ledger.prior) if ledger.prior
+             else standard_normal_prior(cfg.model.latent_dim))
+    return make_latent_penalty(cfg.lipschitz, prior=prior, n_points=plan.batch_size,
+                               generator=generator)
+
+
+def _combine(*terms: Regulariser | None) -> Regulariser | None:
+    active = [t for t in terms if t is not None]
+    if len(active) <= 1:
+        return active[0] if active else None
+
+    def total(vae: nn.Module) -> tuple[Tensor, float]:
+        values = [t(vae) for t in active]
+        return sum(v for v, _ in values), sum(f for _, f in values)
+
+    return total
+
+
 def train_private_round(state: LocalState, data: Tensor, *, round_: int, seed: int,
-                        generator: torch.Generator) -> tuple[dict[str, float],
-                                                             GaussianMixturePrior]:
+                        generator: torch.Generator, regulariser: Regulariser | None = None,
+                        ) -> tuple[dict[str, float], GaussianMixturePrior]:
     """One private local round: DP-SGD for ``local_epochs``, then the prior, then accounting.
 
     Reads ``state.extra["total_rounds"]`` (set by the runtime before the first round) and
     keeps the accountant history, the adaptive clip bound and the client's secret seed in
-    ``state.extra["privacy"]``.
+    ``state.extra["privacy"]``. ALIGN-FL (:func:`alignfl_mpi.client.run_local_round`) and
+    DP-FedAvg/DP-FedProx (:func:`alignfl_mpi.client.run_averaging_round`) both call it.
 
     Args:
         state: The client (``state.cfg.privacy.mode`` is ``decoder`` or ``full``).
         data: float32 ``(N, 1, 28, 28)`` in [0, 1].
         round_: Round index (logging only; the history counts what actually ran).
         seed: The public round seed; mixed with the secret for the noise.
-        generator: The runtime's public generator; deliberately unused, privacy-relevant
-            randomness must not be reproducible from the run seed.
+        generator: The runtime's public generator. Privacy-relevant randomness must not be
+            reproducible from the run seed, so only the Lipschitz penalty's latent points
+            (which are not data) are drawn from it.
+        regulariser: An extra data-independent term (FedProx's proximal term), added after
+            the noise like the Lipschitz penalty.
 
     Returns:
         ``(metrics, prior)``: the loss terms of the last epoch, the privacy metrics
@@ -1095,7 +1341,6 @@ def train_private_round(state: LocalState, data: Tensor, *, round_: int, seed: i
         ``epsilon_prv``/``epsilon_rdp``, ``noise_multiplier``, ``clip_bound``, ``delta``,
         ``dp_accounted``, ...) and the prior to share.
     """
-    del generator
     cfg = state.cfg
     validate_private_client(cfg)
     ledger = PrivacyLedger.from_extra(state.extra)
@@ -1104,9 +1349,10 @@ def train_private_round(state: LocalState, data: Tensor, *, round_: int, seed: i
                            total_rounds=_total_rounds(state.extra))
     rule = make_clip_rule(cfg.privacy, bound=ledger.clip_bound)
     round_seed = ledger.seed_for(seed)
+    penalty = public_penalty(state, ledger, plan, generator=generator)
     trainer = PrivateTrainer(state.vae, state.optimizer, mode=cfg.privacy.mode, plan=plan,
                              rule=rule, kl_weight=cfg.kl_weight, device=state.device,
-                             seed=round_seed)
+                             seed=round_seed, regulariser=_combine(penalty, regulariser))
     metrics = trainer.train(data, epochs=cfg.local_epochs)
     ledger.record_sgd(plan.noise_multiplier, plan.sample_rate, trainer.steps_done)
     prior = _release_prior(state, data, plan=plan, ledger=ledger, seed=round_seed)
