@@ -8,6 +8,8 @@ Launch commands::
     mpiexec -n 6 alignfl-mpi run                              # 1 server + 5 clients
     mpiexec -n 6 alignfl-mpi run --config run.toml --set rounds=3
     alignfl-mpi report runs/alignfl/results.h5 --out report
+    alignfl-mpi report runs/a/results.h5 runs/b/results.h5 --baseline runs/a/results.h5
+    alignfl-mpi show runs/alignfl/results.h5                   # also while the run writes it
     alignfl-mpi sweep --epsilon 1 10 inf --lip 0 0.1 --np 6 --out runs/sweep
     alignfl-mpi reference --partition data/partitions/<file>.h5 --out runs/reference
 
@@ -98,9 +100,17 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from .report import run_report
 
     written = run_report([Path(p) for p in args.results], out=Path(args.out),
-                         partition=Path(args.partition) if args.partition else None)
+                         partition=Path(args.partition) if args.partition else None,
+                         baseline=args.baseline)
     for path in written:
         print(path)
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from .show import summary
+
+    print(summary(Path(args.results), last=args.last))
     return 0
 
 
@@ -192,7 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", default=None,
                    help="partition file for the latent plots (default: the one stored in "
                         "each results file, when that file exists)")
+    p.add_argument("--baseline", default=None, metavar="RUN",
+                   help="compare every run with this one (one of the RESULTS, by path or run "
+                        "name); runs that differ only in seed are grouped, with mean ± sd")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("show", help="terminal summary of a results file (also of a running job)")
+    p.add_argument("results", metavar="RESULTS", help="results.h5 file or run folder")
+    p.add_argument("--last", type=int, default=20,
+                   help="rounds shown in the per-round table, the last ones (default 20; 0: all)")
+    p.set_defaults(func=_cmd_show)
 
     p = sub.add_parser("sweep", help="privacy-utility grid: one run per (epsilon, lambda_lip)")
     p.add_argument("--config", "-c", default=None, help="base config for every run")

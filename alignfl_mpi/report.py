@@ -1,18 +1,24 @@
-"""Reports of runs: summary tables, per-round CSVs, figures and a Markdown page.
+"""Reports of runs: a headline table, grouped detail tables, figures, Markdown and HTML.
 
-Works on finished, crashed and partial runs. Every part that a results file cannot
-supply (no rounds, no ``/final`` group, no partition file, a missing metric) is
-skipped with a note in ``report.md``, never an exception. Launch::
+Works on finished, crashed, partial and running runs. Every part that a results file
+cannot supply (no rounds, no ``/final`` group, no partition file, a missing metric) is
+skipped with a note in the report, never an exception. Rounds are numbered from 1, as in
+the log and the results file. Launch::
 
     alignfl-mpi report runs/alignfl/results.h5 --out report
     alignfl-mpi report runs/eps1 runs/eps8 runs/nodp --out report/eps   # side by side
+    alignfl-mpi report runs/a-s0 runs/a-s1 runs/b-s0 runs/b-s1 --baseline runs/a-s0
 
-In a notebook, :func:`alignfl_mpi.results.load` stays the entry point; the two table
-helpers give rows that ``pandas.DataFrame`` takes as they are::
+With ``--baseline``, runs whose configs differ only in ``seed`` form one group, and every
+group is compared with the baseline's group (means, differences, and ± over seeds).
+
+In a notebook, :func:`alignfl_mpi.results.load` stays the entry point; the table helpers
+give rows that ``pandas.DataFrame`` takes as they are::
 
     runs = [load(p) for p in paths]
-    pd.DataFrame(runs_table(runs))            # one row per run, final values
-    pd.DataFrame(per_round_table(runs[0]))    # one row per round
+    pd.DataFrame(headline_table(runs))        # one row per run, the numbers that matter
+    pd.DataFrame(runs_table(runs))            # one row per run, every final value
+    runs[0].to_pandas()                       # one row per round
 
 Figures are drawn with matplotlib's object API on an Agg canvas (no pyplot), so this
 works without a display and importing it never changes a notebook's plotting backend.
@@ -20,52 +26,86 @@ works without a display and importing it never changes a notebook's plotting bac
 
 from __future__ import annotations
 
+import base64
 import csv
+import html
+import json
 import logging
 import math
 import os
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .errors import AlignFLError, SchemaError
+from .errors import AlignFLError, ConfigError, SchemaError
 from .evaluation import encode_latents, save_image_grid
 from .models import ModelSpec, build_decoder, build_vae
 from .prior import GaussianMixturePrior
-from .results import RESULTS_NAME, Results, load
+from .results import RESULTS_NAME, EpsilonSpent, Results, last_reported, load
 from .schema import OUTLIER_TEST, TEST, read_partition_info, read_split
 
-__all__ = ["per_round_table", "run_names", "run_report", "runs_table"]
+__all__ = ["comparison_table", "headline_table", "per_round_table", "run_names", "run_report",
+           "runs_table", "seed_groups"]
 
 log = logging.getLogger(__name__)
 
 #: Eval metrics drawn first, in this order; other eval keys follow alphabetically, and
 #: ``LAST_METRICS`` (constant per run, not about the models) come last.
-PREFERRED_METRICS = ("latent_accuracy", "latent_f1", "recon_error", "fid_lenet",
-                     "class_coverage", "synthetic_classifier_accuracy", "survival_synthetic",
-                     "survival_recon_global", "mia_auc_outliers", "mia_auc_inliers", "dcr_ratio")
+PREFERRED_METRICS = ("latent_accuracy", "latent_f1", "recon_error", "task_accuracy",
+                     "global_fid_lenet", "fid_lenet", "global_class_coverage", "class_coverage",
+                     "survival_synthetic", "survival_recon_global", "mia_auc_outliers",
+                     "mia_auc_inliers", "dcr_ratio")
 LAST_METRICS = ("classifier_accuracy",)
+#: Eval keys left out of the figures and the Markdown tables (they stay in the CSVs).
+DETAIL_ONLY = re.compile(r"(^|_)(class_share_\d+|n_fake)$")
 MAX_METRIC_PANELS = 9
 #: Phases of a round stacked in ``timings.png`` (``collect`` and ``round`` are totals).
 TIMING_PHASES = ("client_training", "communication", "sampling", "server_training",
                  "evaluation", "io")
 #: Columns of :func:`runs_table` that describe the run rather than its results.
 RUN_COLUMNS = ("run", "status", "rounds_completed", "rounds", "strategy", "privacy_mode",
-               "epsilon", "lipschitz_weight", "local_epochs", "mean_round_s")
+               "epsilon_spent", "dp_accounted", "lipschitz_weight", "local_epochs", "seed",
+               "mean_round_s")
 #: Client metrics whose last reported value goes into the summary, per client.
 CLIENT_FINAL_METRICS = ("epsilon", "lip_empirical")
-#: Free-text client attributes left out of the per-round table.
-CLIENT_TEXT_KEYS = ("error", "traceback")
+#: Headline columns: (key of :func:`headline_table`, title).
+HEADLINE_COLUMNS = (("run", "run"), ("strategy", "strategy"), ("privacy_mode", "privacy"),
+                    ("epsilon_spent", "ε spent"), ("rounds", "rounds"),
+                    ("latent_accuracy", "latent acc"), ("fid_lenet", "FID-LeNet"),
+                    ("class_coverage", "class coverage"),
+                    ("outlier_survival", "outlier survival"), ("mia_auc", "MIA AUC"),
+                    ("mean_round_s", "round s"))
+#: Metrics of the comparison view: (headline key, title, higher is better).
+COMPARED = (("latent_accuracy", "latent acc", True), ("fid_lenet", "FID-LeNet", False),
+            ("class_coverage", "class coverage", True),
+            ("outlier_survival", "outlier survival", False), ("mia_auc", "MIA AUC", False),
+            ("epsilon_spent", "ε spent", False), ("mean_round_s", "round s", False))
+#: Detail tables of final (last-round) values: (title, [(table, key, column title)]).
+UTILITY = (("eval", "latent_accuracy", "latent acc"), ("eval", "latent_f1", "latent F1"),
+           ("eval", "recon_error", "recon error"), ("eval", "task_accuracy", "task acc"),
+           ("server", "loss", "server loss"))
+QUALITY = (("fid_lenet", "FID-LeNet"), ("precision", "precision"), ("recall", "recall"),
+           ("density", "density"), ("coverage", "coverage"),
+           ("class_coverage", "class coverage"), ("fake_classifier_entropy", "entropy"))
+PRIVACY = (("eval", "survival_synthetic", "survival synthetic"),
+           ("eval", "survival_recon_global", "survival global recon"),
+           ("clients", "survival_recon_client", "survival client recon"),
+           ("eval", "dcr_ratio", "DCR ratio"), ("eval", "mia_auc_outliers", "MIA AUC outliers"),
+           ("eval", "mia_auc_inliers", "MIA AUC inliers"),
+           ("eval", "classifier_accuracy", "domain classifier acc"))
+TIMINGS = (*TIMING_PHASES, "round")
 SAMPLES_PER_ROW = 10
 GLOBAL_SAMPLE_ROWS = 2
 SAMPLE_SEED = 0
 OUTLIER_POINTS = 300
 PRIVACY_PANELS = ("survival_synthetic", "mia_auc_outliers")
+#: Config keys that do not make two runs different settings (besides ``seed``).
+NOT_A_SETTING = ("seed", "output", "data.data_root")
 
 
 class _Skip(Exception):
@@ -102,25 +142,8 @@ def run_names(paths: Sequence[str | os.PathLike]) -> list[str]:
     return names
 
 
-def _config(config: dict[str, Any], dotted: str, default: Any = None) -> Any:
-    node: Any = config
-    for key in dotted.split("."):
-        if not isinstance(node, dict) or key not in node:
-            return default
-        node = node[key]
-    return node
-
-
-def _epsilon(config: dict[str, Any]) -> float | None:
-    """The run's ε: ``inf`` without DP (mode ``none`` or no privacy section)."""
-    if _config(config, "client.privacy.mode", "none") == "none":
-        return math.inf
-    eps = _config(config, "client.privacy.epsilon")
-    return None if eps is None else float(eps)
-
-
-def _lip_weight(config: dict[str, Any]) -> float:
-    return float(_config(config, "client.lipschitz.weight", 0.0))
+def _lip_weight(res: Results) -> float:
+    return float(res.config_value("client.lipschitz.weight", 0.0) or 0.0)
 
 
 def _value(x: Any) -> Any:
@@ -134,21 +157,9 @@ def _value(x: Any) -> Any:
     return x
 
 
-def _last(values: np.ndarray | None, *, finite: bool = False) -> Any:
-    """The last entry, or (``finite``) the last non-missing entry; None when none."""
-    if values is None or len(values) == 0:
-        return None
-    if not finite:
-        return _value(values[-1])
-    for v in values[::-1]:
-        if _value(v) is not None:
-            return _value(v)
-    return None
-
-
-def _mean(values: np.ndarray | None) -> float | None:
-    values = _numeric(values)
-    return None if values is None else float(np.nanmean(values))
+def _last(values: np.ndarray | None) -> Any:
+    """The last round's entry (None when missing)."""
+    return None if values is None or len(values) == 0 else _value(values[-1])
 
 
 def _metric_order(keys: set[str]) -> list[str]:
@@ -175,16 +186,48 @@ def _eval_keys(results_list: Sequence[Results]) -> list[str]:
     return _metric_order(keys)
 
 
+def _epsilon_value(spent: EpsilonSpent) -> float | None:
+    """ε spent as a number: ∞ without DP, None when not accounted or not recorded."""
+    return spent.value if spent.accounted else None
+
+
+def headline_table(results_list: Sequence[Results], *,
+                   names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """One row per run with the numbers a reader looks for first.
+
+    Columns: ``run``, ``status``, ``strategy``, ``privacy_mode``, ``epsilon_spent`` (the
+    recorded ε: the largest of the clients' last reported ``epsilon``; ``inf`` without DP;
+    None when not recorded or not accounted), ``dp_accounted``, ``rounds_completed``,
+    ``rounds`` (configured), ``latent_accuracy``, ``fid_lenet`` and ``class_coverage``
+    (of the global VAE's samples), ``outlier_survival`` (``survival_synthetic``),
+    ``mia_auc`` (``mia_auc_outliers``), ``mean_round_s``. Metrics are last-round values.
+
+    >>> headline_table([])
+    []
+    """
+    names = list(names) if names is not None else run_names([r.path for r in results_list])
+    rows = []
+    for name, res in zip(names, results_list):
+        head = res.headline()
+        spent: EpsilonSpent = head.pop("epsilon_spent")
+        rows.append({"run": name, "status": head.pop("status"), "strategy": head.pop("strategy"),
+                     "privacy_mode": head.pop("privacy_mode"),
+                     "epsilon_spent": _epsilon_value(spent),
+                     "dp_accounted": spent.accounted if spent.dp else None, **head})
+    return rows
+
+
 def runs_table(results_list: Sequence[Results], *,
                names: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """One row per run: status, key config values and final values.
+    """One row per run: status, key config values and every final value.
 
     Columns: ``run``, ``path``, ``status``, ``rounds_completed``, ``rounds``
     (configured), ``strategy`` (``align-fl`` unless the config names one),
-    ``privacy_mode``, ``epsilon`` (``inf`` when ``privacy_mode`` is ``none``),
-    ``lipschitz_weight``, ``local_epochs``, ``mean_round_s`` (wall time), every eval
-    metric at the last round, and ``client_<k>.epsilon`` / ``client_<k>.lip_empirical``: each
-    client's last reported value. Missing values are None.
+    ``privacy_mode``, ``epsilon_spent`` (recorded, as in :func:`headline_table`),
+    ``dp_accounted``, ``lipschitz_weight``, ``local_epochs``, ``seed``, ``mean_round_s``
+    (wall time), every eval metric at the last round, and ``client_<k>.epsilon`` /
+    ``client_<k>.lip_empirical``: each client's last reported value. Missing values are
+    None.
 
     Args:
         results_list: Loaded runs (:func:`alignfl_mpi.results.load`).
@@ -198,60 +241,117 @@ def runs_table(results_list: Sequence[Results], *,
     client_keys = sorted({(cid, m) for r in results_list for cid, cols in r.clients.items()
                           for m in CLIENT_FINAL_METRICS if m in cols})
     rows = []
-    for name, res in zip(names, results_list):
-        cfg = res.config
+    for name, res, head in zip(names, results_list, headline_table(results_list, names=names)):
         row: dict[str, Any] = {
-            "run": name, "path": str(res.path), "status": res.attrs.get("status"),
-            "rounds_completed": int(res.attrs.get("rounds_completed", len(res.rounds))),
-            "rounds": _config(cfg, "rounds"),
-            "strategy": _config(cfg, "strategy", "align-fl"),
-            "privacy_mode": _config(cfg, "client.privacy.mode", "none"),
-            "epsilon": _epsilon(cfg),
-            "lipschitz_weight": _lip_weight(cfg),
-            "local_epochs": _config(cfg, "client.local_epochs"),
-            "mean_round_s": _mean(res.timings.get("round")),
+            "run": name, "path": str(res.path), "status": head["status"],
+            "rounds_completed": head["rounds_completed"], "rounds": head["rounds"],
+            "strategy": head["strategy"], "privacy_mode": head["privacy_mode"],
+            "epsilon_spent": head["epsilon_spent"], "dp_accounted": head["dp_accounted"],
+            "lipschitz_weight": _lip_weight(res),
+            "local_epochs": res.config_value("client.local_epochs"),
+            "seed": res.config_value("seed"), "mean_round_s": head["mean_round_s"],
         }
         for m in metrics:
             row[m] = _last(res.eval.get(m))
         for cid, m in client_keys:
-            row[f"client_{cid}.{m}"] = _last(res.clients.get(cid, {}).get(m), finite=True)
+            row[f"client_{cid}.{m}"] = last_reported(res.clients.get(cid, {}).get(m))
         rows.append(row)
     return rows
 
 
 def per_round_table(results: Results) -> list[dict[str, Any]]:
-    """One row per round: every server, eval, timing and client value of that round.
+    """One row per round (numbered from 1): :meth:`Results.per_round_rows`.
 
     Columns: ``round``, ``server.<key>``, ``eval.<key>``, ``timings.<key>``,
     ``client_<k>.status`` and ``client_<k>.<metric>`` (free-text ``error`` and
     ``traceback`` are left out; read them from ``results.clients``). Missing values
     are None.
+    """
+    return results.per_round_rows()
+
+
+def _setting(res: Results) -> str:
+    """The run's config without the keys that do not make a different setting."""
+    config = json.loads(json.dumps(res.config))
+    for dotted in NOT_A_SETTING:
+        *parents, leaf = dotted.split(".")
+        node = config
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return json.dumps(config, sort_keys=True)
+
+
+def seed_groups(results_list: Sequence[Results]) -> list[list[int]]:
+    """Indices of runs grouped by setting: runs whose configs differ only in ``seed``
+    (and the output folder and data root) share a group; groups in order of first run."""
+    groups: dict[str, list[int]] = {}
+    for i, res in enumerate(results_list):
+        groups.setdefault(_setting(res), []).append(i)
+    return list(groups.values())
+
+
+def _mean_sd(values: list[float]) -> tuple[float | None, float | None, int]:
+    """Mean, sample standard deviation (None for one value) and count of the finite values.
+
+    >>> _mean_sd([1.0, 3.0, None])
+    (2.0, 1.4142135623730951, 2)
+    """
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        inf = [v for v in values if v is not None and math.isinf(v)]
+        return (inf[0], None, len(inf)) if inf else (None, None, 0)
+    sd = float(np.std(vals, ddof=1)) if len(vals) > 1 else None
+    return float(np.mean(vals)), sd, len(vals)
+
+
+def comparison_table(results_list: Sequence[Results], *, baseline: int,
+                     names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Each seed group against the baseline run's group.
+
+    One row per group (:func:`seed_groups`), the baseline's first: ``group`` (its run
+    names), ``seeds``, ``n``, and for every compared metric ``<m>`` (the
+    :data:`COMPARED` keys): ``<m>.mean``, ``<m>.sd`` (over seeds; None for one run),
+    ``<m>.delta`` (mean minus the baseline group's mean) and ``<m>.delta_se`` (standard
+    error of that difference, sqrt(sd²/n + sd_b²/n_b); None unless a group has several
+    seeds).
 
     Args:
-        results: A loaded run.
-
-    Returns:
-        A list of dicts with the same keys, ready for ``pandas.DataFrame``.
+        results_list: Loaded runs.
+        baseline: Index of the baseline run in ``results_list``.
+        names: Run names; default :func:`run_names` of their paths.
     """
-    columns: dict[str, np.ndarray] = {}
-    for prefix, table in (("server", results.server), ("eval", results.eval),
-                          ("timings", results.timings)):
-        for key, values in table.items():
-            columns[f"{prefix}.{key}"] = values
-    for cid in sorted(results.clients):
-        cols = results.clients[cid]
-        for key in (["status"] if "status" in cols else []) + sorted(cols):
-            if key not in CLIENT_TEXT_KEYS and f"client_{cid}.{key}" not in columns:
-                columns[f"client_{cid}.{key}"] = cols[key]
-    return [{"round": r, **{k: _value(v[i]) for k, v in columns.items()}}
-            for i, r in enumerate(results.rounds)]
+    heads = headline_table(results_list, names=names)
+    groups = seed_groups(results_list)
+    groups.sort(key=lambda g: baseline not in g)  # the baseline's group first
+    rows = []
+    stats: list[dict[str, tuple[float | None, float | None, int]]] = []
+    for g in groups:
+        stats.append({m: _mean_sd([heads[i][m] for i in g]) for m, _, _ in COMPARED})
+        rows.append({"group": ", ".join(heads[i]["run"] for i in g),
+                     "seeds": ", ".join(str(results_list[i].config_value("seed", "?"))
+                                        for i in g), "n": len(g)})
+    for row, st in zip(rows, stats):
+        for m, _, _ in COMPARED:
+            mean, sd, n = st[m]
+            bmean, bsd, bn = stats[0][m]
+            delta = se = None
+            if mean is not None and bmean is not None and math.isfinite(mean) \
+                    and math.isfinite(bmean):
+                delta = mean - bmean
+                if sd is not None or bsd is not None:
+                    se = math.sqrt((sd or 0.0) ** 2 / max(n, 1) + (bsd or 0.0) ** 2 / max(bn, 1))
+            row.update({f"{m}.mean": mean, f"{m}.sd": sd, f"{m}.delta": delta,
+                        f"{m}.delta_se": se})
+    return rows
 
 
 def _csv_cell(v: Any) -> str:
     if v is None:
         return ""
     if isinstance(v, float):
-        return "inf" if v == math.inf else repr(v)
+        return ("inf" if v > 0 else "-inf") if math.isinf(v) else repr(v)
     return str(v)
 
 
@@ -264,35 +364,128 @@ def _write_csv(rows: list[dict[str, Any]], path: Path, columns: list[str]) -> Pa
     return path
 
 
-def _md_cell(v: Any) -> str:
+def _num(v: Any) -> str:
+    """A number for the report's tables (4 significant digits; — when missing).
+
+    >>> _num(0.54213), _num(497.26), _num(None), _num(math.inf), _num(12), _num(45678.9)
+    ('0.5421', '497.3', '—', '∞', '12', '45679')
+    """
+    v = _value(v)
     if v is None:
-        return ""
+        return "—"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
     if isinstance(v, float):
-        return "∞" if v == math.inf else f"{v:.4g}"
-    return str(v).replace("|", "\\|").replace("\n", " ")
+        if math.isinf(v):
+            return "∞" if v > 0 else "-∞"
+        return f"{v:.0f}" if abs(v) >= 1e4 else f"{v:.4g}"
+    return str(v)
 
 
-def _md_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    lines += ["| " + " | ".join(_md_cell(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
+def _signed(v: float | None) -> str:
+    """A difference with its sign: ``+0.033``; ``0`` without one."""
+    if v is None:
+        return "—"
+    return "0" if v == 0 else ("+" if v > 0 else "−") + _num(abs(v))
 
 
-def _summary_markdown(rows: list[dict[str, Any]]) -> str:
-    """:func:`runs_table` as three narrower tables, each one row per run."""
-    columns = list(rows[0])
-    clients = [c for c in columns if c.startswith("client_")]
-    metrics = [c for c in columns if c not in RUN_COLUMNS and c not in clients and c != "path"]
-    parts = []
-    for title, cols in (("Runs", [c for c in RUN_COLUMNS if c != "run"]),
-                        ("Final eval metrics (last round)", metrics),
-                        ("Clients (last reported value)", clients)):
-        if cols:
-            parts += [f"### {title}", "", _md_table(rows, ["run", *cols]), ""]
-    return "\n".join(parts)
+# ------------------------------------------------------------------ report blocks
 
 
-# ------------------------------------------------------------------------ figures
+@dataclass
+class _Doc:
+    """The report as blocks, rendered to Markdown and to self-contained HTML.
+
+    Text may use ``**bold**``, ```code``` and ``[text](link)``.
+    """
+
+    blocks: list[tuple[str, Any]] = field(default_factory=list)
+
+    def h(self, level: int, text: str) -> None:
+        self.blocks.append(("h", (level, text)))
+
+    def p(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def ul(self, items: Sequence[str]) -> None:
+        if items:
+            self.blocks.append(("ul", list(items)))
+
+    def table(self, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+        self.blocks.append(("table", (list(columns), [list(r) for r in rows])))
+
+    def figure(self, caption: str, path: Path) -> None:
+        self.blocks.append(("figure", (caption, path)))
+
+    def markdown(self) -> str:
+        out: list[str] = []
+        for kind, data in self.blocks:
+            if kind == "h":
+                out += ["#" * data[0] + " " + data[1], ""]
+            elif kind == "p":
+                out += [data, ""]
+            elif kind == "ul":
+                out += [f"- {item}" for item in data] + [""]
+            elif kind == "table":
+                columns, rows = data
+                out += ["| " + " | ".join(_md_escape(c) for c in columns) + " |",
+                        "|" + " --- |" * len(columns)]
+                out += ["| " + " | ".join(_md_escape(c) for c in r) + " |" for r in rows]
+                out.append("")
+            else:
+                caption, path = data
+                out += [f"![{caption}]({path.name})", ""]
+        return "\n".join(out)
+
+    def html(self, title: str) -> str:
+        out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+               f"<title>{html.escape(title)}</title>", f"<style>{_CSS}</style></head><body>"]
+        for kind, data in self.blocks:
+            if kind == "h":
+                out.append(f"<h{data[0]}>{_inline(data[1])}</h{data[0]}>")
+            elif kind == "p":
+                out.append(f"<p>{_inline(data)}</p>")
+            elif kind == "ul":
+                out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in data) + "</ul>")
+            elif kind == "table":
+                columns, rows = data
+                out.append("<table><thead><tr>" + "".join(f"<th>{_inline(c)}</th>"
+                                                          for c in columns)
+                           + "</tr></thead><tbody>"
+                           + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r)
+                                     + "</tr>" for r in rows) + "</tbody></table>")
+            else:
+                caption, path = data
+                data64 = base64.b64encode(path.read_bytes()).decode("ascii")
+                out.append(f'<figure><img alt="{html.escape(caption)}" '
+                           f'src="data:image/png;base64,{data64}">'
+                           f"<figcaption>{_inline(caption)}</figcaption></figure>")
+        out.append("</body></html>")
+        return "\n".join(out) + "\n"
+
+
+_CSS = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;"
+        "color:#222}table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:90%}"
+        "th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}"
+        "th:first-child,td:first-child{text-align:left}th{background:#f3f3f3}"
+        "img{max-width:100%}figure{margin:1em 0 2em}figcaption{color:#555}"
+        "code{background:#f3f3f3;padding:0 .2em}")
+
+
+def _md_escape(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _inline(text: str) -> str:
+    """Markdown-style inline markup to HTML.
+
+    >>> _inline("**a** `b<c>` [d](e.csv)")
+    '<b>a</b> <code>b&lt;c&gt;</code> <a href="e.csv">d</a>'
+    """
+    out = html.escape(str(text), quote=False)
+    out = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", out)
+    out = re.sub(r"`(.+?)`", r"<code>\1</code>", out)
+    return re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r'<a href="\2">\1</a>', out)
 
 
 def _figure(n_panels: int, *, ncols: int, panel: tuple[float, float] = (4.0, 3.0)) -> Any:
@@ -325,10 +518,10 @@ def _integer_rounds(ax: Any) -> None:
 
 def _curves(runs: Sequence[_Run], path: Path, notes: list[str]) -> Path:
     """``curves.png``: one panel per eval metric plus the server loss, a line per run."""
-    metrics = _eval_keys([r.results for r in runs])
+    metrics = [k for k in _eval_keys([r.results for r in runs]) if not DETAIL_ONLY.search(k)]
     if len(metrics) > MAX_METRIC_PANELS:
-        notes.append(f"curves.png shows {MAX_METRIC_PANELS} of {len(metrics)} eval metrics; "
-                     f"left out: {', '.join(metrics[MAX_METRIC_PANELS:])} (see rounds_*.csv)")
+        notes.append(f"curves.png shows the first {MAX_METRIC_PANELS} of {len(metrics)} eval "
+                     "metrics; every metric of every round is in rounds_<run>.csv")
         metrics = metrics[:MAX_METRIC_PANELS]
     panels = [("eval", m) for m in metrics]
     if any(_numeric(r.results.server.get("loss")) is not None for r in runs):
@@ -508,15 +701,35 @@ def _latent(run: _Run, partition: Path | None, path: Path) -> Path:
     return _save(fig, path)
 
 
-def _privacy_utility(runs: Sequence[_Run], path: Path) -> Path:
-    """``privacy_utility.png``: final metrics against ε and/or λ_lip, lines by the other."""
-    eps = [_epsilon(r.results.config) for r in runs]
-    lam = [_lip_weight(r.results.config) for r in runs]
+def _recorded_epsilons(runs: Sequence[_Run], notes: list[str]) -> list[float | None]:
+    """Per run the recorded ε of its seed group (mean, 3 significant digits; ∞ without DP);
+    None, with a note, for a run whose ε is not accounted or not recorded."""
+    spent = [r.results.epsilon_spent() for r in runs]
+    out: list[float | None] = [None] * len(runs)
+    for group in seed_groups([r.results for r in runs]):
+        values = [_epsilon_value(spent[i]) for i in group]
+        if any(v is None for v in values):
+            for i in group:
+                why = "not accounted" if not spent[i].accounted else "not recorded"
+                notes.append(f"privacy_utility.png: {runs[i].name} left out of the ε axis "
+                             f"(its ε is {why})")
+            continue
+        mean = float(np.mean(values)) if all(math.isfinite(v) for v in values) else math.inf
+        for i in group:
+            out[i] = float(f"{mean:.3g}") if math.isfinite(mean) else mean
+    return out
+
+
+def _privacy_utility(runs: Sequence[_Run], path: Path, notes: list[str]) -> Path:
+    """``privacy_utility.png``: final metrics against the recorded ε and/or λ_lip, lines
+    by the other."""
+    eps = _recorded_epsilons(runs, notes)
+    lam = [_lip_weight(r.results) for r in runs]
     axes_params = [p for p, v in (("epsilon", eps), ("lipschitz_weight", lam))
-                   if len(set(v)) > 1]
+                   if len({x for x in v if x is not None}) > 1]
     if not axes_params:
-        raise _Skip("privacy_utility.png skipped: the runs do not differ in ε "
-                    "(client.privacy.epsilon) or λ_lip (client.lipschitz.weight)")
+        raise _Skip("privacy_utility.png skipped: the runs do not differ in recorded ε "
+                    "or in λ_lip (client.lipschitz.weight)")
     final = {m: [_last(r.results.eval.get(m)) for r in runs]
              for m in ("latent_accuracy", *PRIVACY_PANELS)}
     metrics = [m for m, v in final.items() if any(x is not None for x in v)]
@@ -531,7 +744,7 @@ def _privacy_utility(runs: Sequence[_Run], path: Path) -> Path:
             ax = axes[row * len(metrics) + col]
             _privacy_panel(ax, xs, groups, final[metric], group_label=group_label,
                            epsilon_axis=param == "epsilon")
-            ax.set_xlabel("ε (∞: no DP)" if param == "epsilon" else "λ_lip")
+            ax.set_xlabel("ε spent (recorded; ∞: no DP)" if param == "epsilon" else "λ_lip")
             ax.set_ylabel(f"final {metric}")
             ax.grid(alpha=0.3)
     return _save(fig, path)
@@ -573,6 +786,9 @@ def _privacy_panel(ax: Any, xs: list[float | None], groups: list[float | None],
 # ------------------------------------------------------------------------- report
 
 
+# ------------------------------------------------------------------------- report
+
+
 def _resolve(path: Path) -> Path:
     """A run folder stands for its ``results.h5``."""
     return path / RESULTS_NAME if path.is_dir() and (path / RESULTS_NAME).is_file() else path
@@ -585,21 +801,42 @@ def _partition_for(res: Results, partition: Path | None) -> Path | None:
     return Path(stored) if stored and Path(stored).is_file() else None
 
 
-def run_report(paths: Sequence[Path], *, out: Path,
-               partition: Path | None = None) -> list[Path]:
-    """Write tables, figures and ``report.md`` for one or more runs into ``out``.
+def _find_baseline(baseline: str | os.PathLike, paths: Sequence[Path],
+                   names: Sequence[str]) -> int:
+    """Index of the baseline among the runs: by path (a run folder stands for its file)
+    or by run name.
 
-    Writes ``summary.md``, ``summary.csv``, ``rounds_<run>.csv`` per run,
-    ``curves.png``, ``timings.png``, per run ``samples_<run>.png``,
-    ``synthetic_<run>.png`` and ``latent_<run>.png``, ``privacy_utility.png`` for
-    several runs that differ in ε or λ_lip, and ``report.md`` embedding them. A part
-    the inputs cannot supply is skipped with a note in ``report.md``.
+    Raises:
+        ConfigError: It is none of the runs.
+    """
+    text = str(baseline)
+    target = _resolve(Path(baseline)).resolve()
+    for i, (p, n) in enumerate(zip(paths, names)):
+        if p.resolve() == target or text == n:
+            return i
+    raise ConfigError(f"--baseline {text} is not one of the reported runs "
+                      f"({', '.join(names)}); pass one of the RESULTS paths or run names")
+
+
+def run_report(paths: Sequence[Path], *, out: Path, partition: Path | None = None,
+               baseline: str | os.PathLike | None = None) -> list[Path]:
+    """Write tables, figures, ``report.md`` and ``report.html`` for runs into ``out``.
+
+    Writes ``headline.csv`` (:func:`headline_table`), ``summary.csv``
+    (:func:`runs_table`), ``rounds_<run>.csv`` per run (rounds from 1),
+    ``comparison.csv`` with a ``baseline`` (:func:`comparison_table`), ``curves.png``,
+    ``timings.png``, per run ``samples_<run>.png``, ``synthetic_<run>.png`` and
+    ``latent_<run>.png``, ``privacy_utility.png`` for runs that differ in recorded ε or
+    λ_lip, ``summary.md`` (the tables), and ``report.md`` and ``report.html`` (the same
+    page; the HTML embeds the figures). A part the inputs cannot supply is skipped with a
+    note in the report.
 
     Args:
         paths: Results files, or run folders holding ``results.h5``.
         out: Output folder, created if missing; existing report files are replaced.
         partition: Partition file for the latent plots; default: the one stored in
             each results file, when that file exists.
+        baseline: One of ``paths`` (or a run name) to compare every run with.
 
     Returns:
         The files written, ``report.md`` last.
@@ -607,6 +844,7 @@ def run_report(paths: Sequence[Path], *, out: Path,
     Raises:
         SchemaError: A path is missing or not a results file, or ``partition`` is
             given and is not a partition file.
+        ConfigError: ``baseline`` is not one of the runs.
     """
     if not paths:
         raise ValueError("run_report needs at least one results file")
@@ -614,7 +852,9 @@ def run_report(paths: Sequence[Path], *, out: Path,
     loaded = [load(p) for p in paths]
     if partition is not None:
         read_partition_info(partition)
-    runs = [_Run(n, r) for n, r in zip(run_names(paths), loaded)]
+    names = run_names(paths)
+    base = _find_baseline(baseline, paths, names) if baseline is not None else None
+    runs = [_Run(n, r) for n, r in zip(names, loaded)]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -628,12 +868,14 @@ def run_report(paths: Sequence[Path], *, out: Path,
         except _Skip as skip:
             notes.append(str(skip))
 
-    rows = runs_table(loaded, names=[r.name for r in runs])
-    columns = list(rows[0])
-    written.append(_write_csv(rows, out / "summary.csv", columns))
-    summary = _summary_markdown(rows)
-    (out / "summary.md").write_text("# Summary\n\n" + summary, encoding="utf-8")
-    written.append(out / "summary.md")
+    head = headline_table(loaded, names=names)
+    written.append(_write_csv(head, out / "headline.csv", list(head[0])))
+    rows = runs_table(loaded, names=names)
+    written.append(_write_csv(rows, out / "summary.csv", list(rows[0])))
+    comparison = None
+    if base is not None:
+        comparison = comparison_table(loaded, baseline=base, names=names)
+        written.append(_write_csv(comparison, out / "comparison.csv", list(comparison[0])))
     for run in runs:
         table = per_round_table(run.results)
         cols = list(dict.fromkeys(k for row in table for k in row)) or ["round"]
@@ -653,28 +895,307 @@ def run_report(paths: Sequence[Path], *, out: Path,
         figure(f"{run.name}: latent means of the real test set under the final global VAE",
                _latent, run, part, out / f"latent_{run.name}.png")
     if len(runs) > 1:
-        figure("Final utility and privacy against ε and λ_lip", _privacy_utility, runs,
-               out / "privacy_utility.png")
+        figure("Final utility and privacy against the recorded ε and λ_lip",
+               _privacy_utility, runs, out / "privacy_utility.png", notes)
     for note in notes:
         log.info("report: %s", note)
-    written.append(_write_markdown(out / "report.md", runs=runs, summary=summary,
-                                   figures=figures, notes=notes))
+
+    tables = _Doc()
+    _headline_section(tables, head)
+    if comparison is not None:
+        _comparison_section(tables, comparison, baseline=names[base])
+    _detail_sections(tables, runs)
+    summary = _Doc([("h", (1, "Summary")), *tables.blocks])
+    (out / "summary.md").write_text(summary.markdown(), encoding="utf-8")
+    written.append(out / "summary.md")
+
+    doc = _Doc()
+    doc.h(1, "ALIGN-FL report")
+    _what_was_run(doc, runs)
+    if len(runs) == 1:
+        _three_numbers(doc, runs[0])
+    doc.blocks += tables.blocks
+    if notes:
+        doc.h(2, "Notes (skipped parts)")
+        doc.ul(notes)
+    doc.h(2, "Files")
+    doc.ul(["[headline.csv](headline.csv): the headline table; [summary.csv](summary.csv): "
+            "every final value of every run, one row per run",
+            *(["[comparison.csv](comparison.csv): the comparison, with full precision"]
+              if comparison is not None else []),
+            "`rounds_<run>.csv`: every value of every round of a run (rounds from 1): "
+            + ", ".join(f"[rounds_{r.name}.csv](rounds_{r.name}.csv)" for r in runs)])
+    doc.h(2, "Figures")
+    for caption, fig in figures:
+        doc.h(3, caption)
+        doc.figure(caption, fig)
+    (out / "report.html").write_text(doc.html("ALIGN-FL report"), encoding="utf-8")
+    written.append(out / "report.html")
+    (out / "report.md").write_text(doc.markdown(), encoding="utf-8")
+    written.append(out / "report.md")
     return written
 
 
-def _write_markdown(path: Path, *, runs: Sequence[_Run], summary: str,
-                    figures: list[tuple[str, Path]], notes: list[str]) -> Path:
-    lines = ["# ALIGN-FL report", ""]
+# ----------------------------------------------------------------- report sections
+
+
+def _describe(res: Results) -> str:
+    """One sentence on what a run was: strategy, clients, data, rounds, privacy."""
+    part = res.attrs.get("partition_attrs") or {}
+    strategy = {"align-fl": "ALIGN-FL", "fedavg": "FedAvg", "fedprox": "FedProx"}.get(
+        str(res.config_value("strategy", "align-fl")), str(res.config_value("strategy")))
+    n = res.attrs.get("n_clients", res.config_value("n_clients", "?"))
+    data = f"{part.get('dataset') or res.config_value('data.dataset', '?')}"
+    scheme = part.get("scheme") or res.config_value("data.scheme")
+    n_out = part.get("n_outliers", res.config_value("data.outliers"))
+    detail = [scheme] if scheme else []
+    if n_out:
+        client = part.get("outlier_client", res.config_value("data.outlier_client", 0))
+        domain = part.get("outlier_dataset") or "outlier-domain"
+        detail.append(f"{n_out} {domain} outliers on client {client}")
+    if detail:
+        data += f" ({'; '.join(detail)})"
+    mode = res.config_value("client.privacy.mode", "none")
+    privacy = "no DP" if mode == "none" else f"DP-SGD ({mode})"
+    lip = _lip_weight(res)
+    if lip > 0:
+        privacy += f", Lipschitz penalty λ = {lip:g}"
+    done = len(res.rounds)
+    planned = res.config_value("rounds", "?")
+    state = "finished" if res.finished else "not finished (running or crashed)"
+    total = _numeric(res.timings.get("round"))
+    wall = f", {np.nansum(total):.0f} s of rounds" if total is not None else ""
+    return (f"{strategy}, {n} clients on {data}, {planned} rounds of "
+            f"{res.config_value('client.local_epochs', '?')} local epochs, {privacy}, seed "
+            f"{res.config_value('seed', '?')}; {state}, {done} of {planned} rounds{wall}")
+
+
+def _what_was_run(doc: _Doc, runs: Sequence[_Run]) -> None:
+    doc.h(2, "What was run")
+    doc.ul([f"**{r.name}**: {_describe(r.results)} (`{r.results.path}`)" for r in runs])
+    doc.p("Rounds are numbered from 1, as in the log and the results file.")
+
+
+def _outlier_share(res: Results) -> float | None:
+    part = res.attrs.get("partition_attrs") or {}
+    try:
+        size = part["client_sizes"][int(part.get("outlier_client", 0))]
+        return float(part["n_outliers"]) / float(size) if part["n_outliers"] else None
+    except (KeyError, IndexError, TypeError, ValueError, ZeroDivisionError):
+        return None
+
+
+def _three_numbers(doc: _Doc, run: _Run) -> None:
+    """The three numbers to look at first, each with what it means."""
+    res = run.results
+
+    def first_last(name: str) -> tuple[Any, str]:
+        values = res.metric(name)
+        if values is None:
+            return None, ""
+        last = _value(values[-1])
+        since = (f" (round {res.rounds[0]}: {_num(values[0])})"
+                 if len(values) > 1 and _value(values[0]) is not None else "")
+        return last, since
+
+    items = []
+    acc, since = first_last("latent_accuracy")
+    if acc is not None:
+        items.append(f"**latent accuracy {_num(acc)}**{since}: how well the global VAE, "
+                     "trained only on synthetic data, separates the real test digits in its "
+                     "latent space (logistic regression); higher is better, 0.1 is chance.")
+    fid, since = first_last("fid_lenet")
+    if fid is not None:
+        items.append(f"**FID-LeNet {_num(fid)}**{since}: distance between the global VAE's "
+                     "samples and the real test set in a small LeNet's feature space; lower "
+                     "is better (not comparable to Inception FID).")
+    surv, since = first_last("outlier_survival")
+    if surv is not None:
+        share = _outlier_share(res)
+        ref = (f" (its outlier share is {_num(share)}: a value near it means the outliers "
+               "survive at their own rate)" if share is not None else "")
+        items.append(f"**outlier survival {_num(surv)}**{since}: share of the outlier "
+                     f"client's synthetic samples classified as the outlier domain{ref}; "
+                     "lower means the shared decoder maps the outliers away.")
+    if items:
+        doc.h(2, "The numbers to look at")
+        doc.ul(items)
+        spent = res.epsilon_spent()
+        doc.p(f"ε spent: {spent.label}" + (" (the largest ε the clients recorded)."
+                                            if spent.dp and spent.accounted else "."))
+
+
+def _headline_cells(row: dict[str, Any], spent: str) -> list[str]:
+    cells = []
+    for key, _ in HEADLINE_COLUMNS:
+        if key == "epsilon_spent":
+            cells.append(spent)
+        elif key == "rounds":
+            text = f"{row['rounds_completed']}/{_num(row['rounds'])}"
+            cells.append(text if row["status"] == "finished" else f"{text} (not finished)")
+        else:
+            cells.append(_num(row[key]))
+    return cells
+
+
+def _spent_label(row: dict[str, Any]) -> str:
+    if row["dp_accounted"] is None:
+        return "∞ (no DP)"
+    if not row["dp_accounted"]:
+        return "not accounted"
+    return _num(row["epsilon_spent"])
+
+
+def _headline_section(doc: _Doc, head: list[dict[str, Any]]) -> None:
+    doc.h(2, "Headline")
+    doc.p("Last round's values. ε spent: the largest ε the clients recorded; FID-LeNet and "
+          "class coverage: the global VAE's samples; outlier survival: share of the outlier "
+          "client's synthetic samples classified as outliers; MIA AUC: membership inference "
+          "on the outliers (0.5 = no leakage); round s: mean wall time of a round.")
+    doc.table([t for _, t in HEADLINE_COLUMNS],
+              [_headline_cells(r, _spent_label(r)) for r in head])
+
+
+def _comparison_section(doc: _Doc, rows: list[dict[str, Any]], *, baseline: str) -> None:
+    doc.h(2, f"Comparison with {baseline}")
+    several = any(r["n"] > 1 for r in rows)
+    doc.p("One row per setting: runs whose configs differ only in `seed` are one group. "
+          "Each cell: the group's mean" + (" ± standard deviation over seeds" if several
+                                           else "")
+          + ", and in brackets the difference to the baseline group"
+          + (" ± its standard error" if several else "") + ". "
+          "Higher is better for latent acc and class coverage, lower for the others.")
+    columns = ["group", "seeds"] + [t for _, t, _ in COMPARED]
+    table = []
+    for i, row in enumerate(rows):
+        cells = [row["group"] + (" (baseline)" if i == 0 else ""), row["seeds"]]
+        for m, _, _ in COMPARED:
+            mean, sd = row[f"{m}.mean"], row[f"{m}.sd"]
+            text = _num(mean) + (f" ± {_num(sd)}" if sd is not None else "")
+            if i > 0 and row[f"{m}.delta"] is not None:
+                se = row[f"{m}.delta_se"]
+                text += f" ({_signed(row[f'{m}.delta'])}" + (f" ± {_num(se)}" if se is not None
+                                                               else "") + ")"
+            cells.append(text)
+        table.append(cells)
+    doc.table(columns, table)
+
+
+def _present(results_list: Sequence[Results], table: str, key: str) -> bool:
+    for res in results_list:
+        if table == "clients":
+            if any(_numeric(c.get(key)) is not None for c in res.clients.values()):
+                return True
+        elif _numeric(getattr(res, table).get(key)) is not None:
+            return True
+    return False
+
+
+def _final(res: Results, table: str, key: str) -> Any:
+    if table == "clients":  # the client that reports it (e.g. the outlier client)
+        values = [last_reported(c.get(key)) for c in res.clients.values()]
+        values = [v for v in values if v is not None]
+        return max(values) if values else None
+    return _last(getattr(res, table).get(key))
+
+
+def _cross_check(res: Results) -> Any:
+    values = [last_reported(c.get(k)) for c in res.clients.values()
+              for k in ("epsilon_prv", "epsilon_rdp")]
+    values = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
+    return max(values) if values else None
+
+
+def _detail_sections(doc: _Doc, runs: Sequence[_Run]) -> None:
+    results = [r.results for r in runs]
+    doc.h(2, "Details (last round)")
+    used: set[str] = set()
+
+    cols = [c for c in UTILITY if _present(results, c[0], c[1])]
+    if cols:
+        doc.h(3, "Utility")
+        doc.table(["run", *(t for _, _, t in cols)],
+                  [[r.name, *(_num(_final(r.results, tb, k)) for tb, k, _ in cols)]
+                   for r in runs])
+        used |= {k for tb, k, _ in cols if tb == "eval"}
+
+    models = [m for m in ("global", "pool")
+              if any(_present(results, "eval", f"{m}_{k}") for k, _ in QUALITY)]
+    legacy = not models and any(_present(results, "eval", k) for k, _ in QUALITY)
+    if models or legacy:
+        prefixes = [f"{m}_" for m in models] or [""]
+        qcols = [(k, t) for k, t in QUALITY
+                 if any(_present(results, "eval", p + k) for p in prefixes)]
+        doc.h(3, "Generative quality")
+        doc.p("In a LeNet's feature space, against the real test set: samples of the global "
+              "VAE (`global`) and the synthetic pool of the client decoders (`pool`); "
+              "per-class shares are in `rounds_<run>.csv`.")
+        doc.table(["run", "samples", *(t for _, t in qcols)],
+                  [[r.name, p.rstrip("_") or "global",
+                    *(_num(_last(r.results.eval.get(p + k))) for k, _ in qcols)]
+                   for r in runs for p in prefixes])
+        used |= {p + k for p in prefixes for k, _ in QUALITY}
+
+    pcols = [c for c in PRIVACY if _present(results, c[0], c[1])]
+    doc.h(3, "Privacy")
+    doc.p("ε spent: the largest ε the clients recorded (never the configured target); "
+          "*not accounted* when a client recorded `dp_accounted = 0`. The cross-check is "
+          "the other accountant's ε.")
+    doc.table(["run", "ε spent", "ε cross-check", *(t for _, _, t in pcols)],
+              [[r.name, r.results.epsilon_spent().label, _num(_cross_check(r.results)),
+                *(_num(_final(r.results, tb, k)) for tb, k, _ in pcols)] for r in runs])
+    used |= {k for tb, k, _ in pcols if tb == "eval"}
+
+    tcols = [k for k in TIMINGS if _present(results, "timings", k)]
+    if tcols:
+        doc.h(3, "Timings")
+        doc.p("Mean seconds per round and phase; `total` is the sum of the rounds' wall "
+              "times.")
+        doc.table(["run", *tcols, "total"],
+                  [[r.name, *(_num(_mean_of(r.results.timings.get(k))) for k in tcols),
+                    _num(_sum_of(r.results.timings.get("round")))] for r in runs])
+
+    doc.h(3, "Clients")
+    doc.p("Status in the last round and the rounds a client answered `ok`; the other values "
+          "are the client's last reported ones. Lipschitz: the empirical Lipschitz constant "
+          "of its stored decoder.")
+    table = []
     for r in runs:
-        n = len(r.results.rounds)
-        state = "finished" if r.results.finished else "not finished (running or crashed)"
-        lines.append(f"- **{r.name}**: `{r.results.path}`, {state}, "
-                     f"{n} round{'' if n == 1 else 's'}")
-    if notes:
-        lines += ["", "## Notes (skipped parts)", "", *[f"- {n}" for n in notes]]
-    lines += ["", "## Summary", "", "The same values are in [summary.csv](summary.csv); "
-              "every round of a run is in `rounds_<run>.csv`.", "", summary, "## Figures", ""]
-    for caption, fig in figures:
-        lines += [f"### {caption}", "", f"![{caption}]({fig.name})", ""]
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
+        info = r.results.attrs.get("clients_info") or {}
+        for cid, c in sorted(r.results.clients.items()):
+            status = c.get("status")
+            ok = (f"{int(sum(s == 'ok' for s in status))}/{len(status)}"
+                  if status is not None else "—")
+            meta = info.get(str(cid), {}) if isinstance(info, dict) else {}
+            samples = last_reported(c.get("n_samples")) or meta.get("n_samples")
+            eps = last_reported(c.get("epsilon"))
+            eps_text = (_num(eps) + (" (not accounted)"
+                                     if last_reported(c.get("dp_accounted")) == 0 else "")
+                        if eps is not None else
+                        ("—" if r.results.epsilon_spent().dp else "∞"))
+            table.append([r.name, str(cid), _value(status[-1]) or "—" if status is not None
+                          else "—", ok, _num(None if samples is None else int(samples)),
+                          _num(last_reported(c.get("loss"))), eps_text,
+                          _num(last_reported(c.get("lip_empirical")))])
+    if table:
+        doc.table(["run", "client", "status", "rounds ok", "samples", "loss", "ε",
+                   "Lipschitz"], table)
+    else:
+        doc.p("No client record yet.")
+
+    other = [k for k in _eval_keys(results) if k not in used and not DETAIL_ONLY.search(k)
+             and k not in {"global_" + q for q, _ in QUALITY} | {"pool_" + q for q, _ in QUALITY}]
+    if other:
+        doc.h(3, "Other measurements")
+        doc.table(["run", *other], [[r.name, *(_num(_last(r.results.eval.get(k)))
+                                               for k in other)] for r in runs])
+
+
+def _mean_of(values: np.ndarray | None) -> float | None:
+    values = _numeric(values)
+    return None if values is None else float(np.nanmean(values))
+
+
+def _sum_of(values: np.ndarray | None) -> float | None:
+    values = _numeric(values)
+    return None if values is None else float(np.nansum(values))

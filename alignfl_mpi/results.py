@@ -250,6 +250,16 @@ def last_reported(values: np.ndarray | None) -> Any:
     return None
 
 
+#: The headline metrics and the eval keys they are read from (the first one present):
+#: the global VAE's numbers where there are global and pool variants.
+HEADLINE_METRICS: dict[str, tuple[str, ...]] = {
+    "latent_accuracy": ("latent_accuracy",),
+    "fid_lenet": ("global_fid_lenet", "fid_lenet"),
+    "class_coverage": ("global_class_coverage", "class_coverage"),
+    "outlier_survival": ("survival_synthetic",),
+    "mia_auc": ("mia_auc_outliers",),
+}
+
 #: Free-text client attributes left out of :meth:`Results.per_round_rows`.
 CLIENT_TEXT_KEYS = ("error", "traceback")
 
@@ -323,6 +333,46 @@ class Results:
         if mode == "none" and not values:  # per-client overrides may still record ε
             return EpsilonSpent(math.inf, True, False)
         return EpsilonSpent(max(values) if values else None, accounted, True)
+
+    def config_value(self, dotted: str, default: Any = None) -> Any:
+        """A config value by dotted key, e.g. ``"client.privacy.mode"``; ``default`` if absent."""
+        node: Any = self.config
+        for key in dotted.split("."):
+            if not isinstance(node, dict) or key not in node:
+                return default
+            node = node[key]
+        return node
+
+    def metric(self, name: str) -> np.ndarray | None:
+        """A headline metric per round (see :data:`HEADLINE_METRICS`), or None if absent."""
+        for key in HEADLINE_METRICS.get(name, (name,)):
+            values = self.eval.get(key)
+            if values is not None and values.dtype != object and np.isfinite(values).any():
+                return values
+        return None
+
+    def headline(self) -> dict[str, Any]:
+        """The numbers a reader looks for first, as one row (missing values are None).
+
+        Keys: ``status``, ``rounds_completed``, ``rounds`` (configured), ``strategy``,
+        ``privacy_mode``, ``epsilon_spent`` (an :class:`EpsilonSpent`), ``mean_round_s``
+        and the last round's value of every :data:`HEADLINE_METRICS` key.
+        """
+        row: dict[str, Any] = {
+            "status": self.attrs.get("status"),
+            "rounds_completed": int(self.attrs.get("rounds_completed", len(self.rounds))),
+            "rounds": self.config_value("rounds"),
+            "strategy": self.config_value("strategy", "align-fl"),
+            "privacy_mode": self.config_value("client.privacy.mode", "none"),
+            "epsilon_spent": self.epsilon_spent(),
+        }
+        for name in HEADLINE_METRICS:
+            values = self.metric(name)
+            row[name] = None if values is None else _cell(values[-1])
+        wall = self.timings.get("round")
+        row["mean_round_s"] = (float(np.nanmean(wall)) if wall is not None and wall.dtype != object
+                               and np.isfinite(wall).any() else None)
+        return row
 
     def per_round_rows(self) -> list[dict[str, Any]]:
         """One dict per round: ``round`` and every server, eval, timing and client value.

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import doctest
 import json
 import math
+import re
 
+import h5py
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from alignfl_mpi import report
-from alignfl_mpi.errors import SchemaError
+from alignfl_mpi.errors import ConfigError, SchemaError
 from alignfl_mpi.models import ModelSpec, build_vae
 from alignfl_mpi.prior import standard_normal_prior
-from alignfl_mpi.report import per_round_table, run_report, runs_table
+from alignfl_mpi.report import headline_table, per_round_table, run_report, runs_table
 from alignfl_mpi.results import ResultsWriter, load
 from alignfl_mpi.schema import ClientData, write_partition
 
@@ -54,21 +57,38 @@ def decoder_state(bias: float) -> dict[str, np.ndarray]:
 
 
 def write_run(path, *, rounds, final=True, mode="none", epsilon=10.0, lip=0.0,
-              partition="", synthetic=False):
-    """A results file with ``rounds`` rounds; round r has latent_accuracy 0.5 + 0.1 r."""
-    config = {"rounds": 3, "client": {"local_epochs": 2, "lipschitz": {"weight": lip},
-                                      "privacy": {"mode": mode, "epsilon": epsilon}}}
+              partition="", synthetic=False, seed=0, accounted=True, shift=0.0):
+    """A results file with ``rounds`` rounds; round n (from 1) has latent_accuracy 0.4 + 0.1 n.
+
+    With DP (``mode`` not ``none``) client c records ε = (epsilon - c) · n / rounds, below
+    the configured target ``epsilon``; ``shift`` is added to latent_accuracy.
+    """
+    config = {"rounds": 3, "seed": seed, "output": {"dir": str(path.parent)},
+              "client": {"local_epochs": 2, "lipschitz": {"weight": lip},
+                         "privacy": {"mode": mode, "epsilon": epsilon}}}
     w = ResultsWriter(path, config_json=json.dumps(config),
-                      attrs={"n_clients": 2, "partition": str(partition)})
-    eps_scale = 0.0 if mode == "none" else epsilon
+                      attrs={"n_clients": 2, "partition": str(partition),
+                             "partition_attrs": {"dataset": "mnist", "scheme": "class-pairs",
+                                                 "n_outliers": 4, "outlier_client": 0,
+                                                 "outlier_dataset": "fashion-mnist",
+                                                 "client_sizes": [10, 8]}})
     for r in range(rounds):
         clients = {c: {"status": "ok", "loss": 10.0 - r + c, "lip_empirical": 2.0 + r + c,
-                       "epsilon": eps_scale * (r + 1) / rounds} for c in range(2)}
+                       "n_samples": 10 - 2 * c} for c in range(2)}
+        if mode != "none":
+            for c in range(2):
+                clients[c].update(epsilon=(epsilon - c) * (r + 1) / rounds,
+                                  epsilon_prv=0.9 * (epsilon - c) * (r + 1) / rounds,
+                                  dp_accounted=1.0 if accounted else 0.0)
         if r == rounds - 1 and rounds > 1:  # client 1 fails last: its last ε is the previous
             clients[1] = {"status": "error", "error": "boom", "traceback": "Traceback\n..."}
         w.write_round(r, clients=clients, server={"loss": 20.0 - r},
-                      evaluation={"latent_accuracy": 0.5 + 0.1 * r, "latent_f1": 0.4 + 0.1 * r,
-                                  "recon_error": 40.0 - r,
+                      evaluation={"latent_accuracy": 0.5 + 0.1 * r + shift,
+                                  "latent_f1": 0.4 + 0.1 * r,
+                                  "recon_error": 40.0 - r, "global_fid_lenet": 300.0 - 50 * r,
+                                  "pool_fid_lenet": 100.0 - r,
+                                  "global_class_coverage": 0.7 + 0.1 * r,
+                                  "global_class_share_3": 0.1,
                                   "survival_synthetic": 0.9 - 0.2 * r - 0.01 * epsilon,
                                   "mia_auc_outliers": 0.6 + 0.01 * epsilon},
                       timings={**{p: 0.1 * (i + 1) for i, p in enumerate(PHASES)},
@@ -98,6 +118,11 @@ def assert_png(path, min_bytes=5000):
         im.verify()
 
 
+def section(md, title):
+    """The text of a ``## title`` section of report.md."""
+    return md.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """One finished 3-round run with stored synthetic images, reported once."""
@@ -108,35 +133,73 @@ def finished(tmp_path_factory):
     return res, out, run_report([res.parent], out=out)  # a run folder stands for its file
 
 
-def test_finished_run_summary_values(finished):
-    res, out, written = finished
-    assert written[-1] == out / "report.md"
-    assert all(p.is_file() for p in written)
-    (row,) = read_csv(out / "summary.csv")
+def test_report_opens_with_what_was_run_and_three_numbers(finished):
+    _, out, _ = finished
+    md = (out / "report.md").read_text()
+    titles = [line for line in md.splitlines() if line.startswith("## ")]
+    assert titles[:3] == ["## What was run", "## The numbers to look at", "## Headline"]
+    ran = section(md, "What was run")
+    assert ("**runA**: ALIGN-FL, 2 clients on mnist (class-pairs; 4 fashion-mnist outliers on "
+            "client 0), 3 rounds of 2 local epochs, no DP, seed 0; finished, 3 of 3 rounds"
+            in ran)
+    numbers = section(md, "The numbers to look at")
+    assert "**latent accuracy 0.7** (round 1: 0.5)" in numbers
+    assert "**FID-LeNet 200** (round 1: 300)" in numbers
+    assert "**outlier survival 0.4** (round 1: 0.8)" in numbers
+    assert "its outlier share is 0.4" in numbers  # 4 outliers of client 0's 10 images
+    assert "ε spent: ∞ (no DP)." in numbers
+
+
+def test_headline_table(finished):
+    _, out, _ = finished
+    head = section((out / "report.md").read_text(), "Headline")
+    assert ("| run | strategy | privacy | ε spent | rounds | latent acc | FID-LeNet | "
+            "class coverage | outlier survival | MIA AUC | round s |") in head
+    assert "| runA | align-fl | none | ∞ (no DP) | 3/3 | 0.7 | 200 | 0.9 | 0.4 | 0.7 | 4 |" in head
+    (row,) = read_csv(out / "headline.csv")
     assert row["run"] == "runA" and row["status"] == "finished"
+    assert float(row["epsilon_spent"]) == math.inf and row["dp_accounted"] == ""
     assert row["rounds_completed"] == "3" and row["rounds"] == "3"
-    assert row["strategy"] == "align-fl" and row["privacy_mode"] == "none"
-    assert float(row["epsilon"]) == math.inf and float(row["lipschitz_weight"]) == 0.0
-    assert row["local_epochs"] == "2"
     assert float(row["latent_accuracy"]) == pytest.approx(0.7)
-    assert float(row["latent_f1"]) == pytest.approx(0.6)
-    assert float(row["recon_error"]) == pytest.approx(38.0)
-    assert float(row["mia_auc_outliers"]) == pytest.approx(0.7)
+    assert float(row["fid_lenet"]) == pytest.approx(200.0)
+    assert float(row["class_coverage"]) == pytest.approx(0.9)
+    assert float(row["outlier_survival"]) == pytest.approx(0.4)
+    assert float(row["mia_auc"]) == pytest.approx(0.7)
     assert float(row["mean_round_s"]) == pytest.approx(4.0)
+
+
+def test_grouped_detail_tables(finished):
+    _, out, _ = finished
+    details = section((out / "report.md").read_text(), "Details (last round)")
+    assert "| run | latent acc | latent F1 | recon error | server loss |" in details
+    assert "| runA | 0.7 | 0.6 | 38 | 18 |" in details
+    assert "| run | samples | FID-LeNet | class coverage |" in details
+    assert "| runA | global | 200 | 0.9 |" in details and "| runA | pool | 98 | — |" in details
+    assert "| runA | ∞ (no DP) | — | 0.4 | 0.7 |" in details  # ε spent, cross-check, ...
+    assert "| runA | 0.1 | 0.2 | 0.3 | 0.4 | 0.5 | 0.6 | 4 | 12 |" in details  # timings
+    clients = details.split("### Clients", 1)[1]
+    assert "| runA | 0 | ok | 3/3 | 10 | 8 | ∞ | 4 |" in clients
+    assert "| runA | 1 | error | 2/3 | 8 | 10 | ∞ | 4 |" in clients  # last reported values
+    assert "class_share" not in details  # per-class shares stay in the CSVs
+
+
+def test_summary_csv_has_every_final_value(finished):
+    _, out, _ = finished
+    (row,) = read_csv(out / "summary.csv")
+    assert row["strategy"] == "align-fl" and row["privacy_mode"] == "none"
+    assert float(row["epsilon_spent"]) == math.inf and float(row["lipschitz_weight"]) == 0.0
+    assert row["local_epochs"] == "2" and row["seed"] == "0"
+    assert float(row["global_class_share_3"]) == pytest.approx(0.1)
     assert float(row["client_0.lip_empirical"]) == pytest.approx(4.0)
-    # client 1 failed in the last round: its final values are those of round 1
+    # client 1 failed in the last round: its final values are those of round 2
     assert float(row["client_1.lip_empirical"]) == pytest.approx(4.0)
-    md = (out / "summary.md").read_text()
-    assert "| run | status | rounds_completed | rounds | strategy | privacy_mode | epsilon |" in md
-    assert "| runA | finished | 3 | 3 | align-fl | none | ∞ | 0 | 2 | 4 |" in md
-    assert "| run | latent_accuracy | latent_f1 | recon_error |" in md
-    assert "| runA | 0.7 | 0.6 | 38 |" in md
+    assert "# Summary" in (out / "summary.md").read_text()
 
 
-def test_finished_run_per_round_csv(finished):
+def test_finished_run_per_round_csv_numbers_rounds_from_1(finished):
     _, out, _ = finished
     rows = read_csv(out / "rounds_runA.csv")
-    assert [r["round"] for r in rows] == ["0", "1", "2"]
+    assert [r["round"] for r in rows] == ["1", "2", "3"]
     np.testing.assert_allclose([float(r["eval.latent_accuracy"]) for r in rows], [0.5, 0.6, 0.7])
     np.testing.assert_allclose([float(r["server.loss"]) for r in rows], [20, 19, 18])
     np.testing.assert_allclose([float(r["timings.io"]) for r in rows], [0.6] * 3)
@@ -153,10 +216,24 @@ def test_finished_run_figures(finished):
         assert_png(out / name, min_bytes=500 if name.startswith("synthetic") else 5000)
     assert "privacy_utility.png" not in names  # one run: nothing to compare
     md = (out / "report.md").read_text()
-    for name in names - {"report.md", "summary.md"}:
+    for name in names:
         if name.endswith(".png"):
             assert f"]({name})" in md
-    assert "## Notes" not in md and "| runA | 0.7 | 0.6 | 38 |" in md  # nothing was skipped
+    assert "## Notes" not in md  # nothing was skipped
+
+
+def test_html_report_is_self_contained(finished):
+    _, out, written = finished
+    assert out / "report.html" in written
+    page = (out / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    images = re.findall(r'<img [^>]*src="([^"]*)"', page)
+    assert len(images) == sum(p.suffix == ".png" for p in written) == 5
+    assert all(src.startswith("data:image/png;base64,") for src in images)
+    data = base64.b64decode(images[0].split(",", 1)[1])
+    assert data == (out / "curves.png").read_bytes()
+    assert "<th>latent acc</th>" in page and "<td>∞ (no DP)</td>" in page
+    assert "<h2>What was run</h2>" in page and "<b>latent accuracy 0.7</b>" in page
 
 
 def test_samples_come_from_the_stored_models(finished):
@@ -180,25 +257,50 @@ def test_partial_and_empty_runs(tmp_path):
     out = tmp_path / "rep"
     written = run_report([partial, empty], out=out)
     names = {p.name for p in written}
-    assert {"curves.png", "timings.png", "summary.csv", "rounds_crashed.csv",
-            "rounds_empty.csv"} <= names
+    assert {"curves.png", "timings.png", "summary.csv", "headline.csv", "rounds_crashed.csv",
+            "rounds_empty.csv", "report.html"} <= names
     assert not any(n.startswith(("samples_", "latent_", "synthetic_")) for n in names)
-    rows = {r["run"]: r for r in read_csv(out / "summary.csv")}
+    rows = {r["run"]: r for r in read_csv(out / "headline.csv")}
     assert rows["crashed"]["status"] == "running" and rows["crashed"]["rounds_completed"] == "2"
     assert float(rows["crashed"]["latent_accuracy"]) == pytest.approx(0.6)
     assert rows["empty"]["rounds_completed"] == "0" and rows["empty"]["latent_accuracy"] == ""
     assert read_csv(out / "rounds_empty.csv") == []
     md = (out / "report.md").read_text()
-    notes = md.split("## Notes", 1)[1].split("## Summary")[0]
+    assert "| crashed | align-fl | none | ∞ (no DP) | 2/3 (not finished) | 0.6 |" in md
+    assert "| empty | align-fl | none | ∞ (no DP) | 0/3 (not finished) | — |" in md
+    assert "not finished (running or crashed), 2 of 3 rounds" in section(md, "What was run")
+    assert "## The numbers to look at" not in md  # several runs: the headline table instead
+    notes = section(md, "Notes (skipped parts)")
     assert "samples_crashed.png skipped: crashed has no /final group" in notes
     assert "latent_crashed.png skipped" in notes and "empty has no completed round" in notes
     assert "privacy_utility.png skipped: the runs do not differ" in notes
 
 
+def test_recorded_epsilon_not_the_target(tmp_path):
+    full = write_run(tmp_path / "full" / "results.h5", rounds=2, final=False, mode="full",
+                     epsilon=8.0)
+    median = write_run(tmp_path / "median" / "results.h5", rounds=2, final=False,
+                       mode="decoder", epsilon=8.0, accounted=False)
+    out = tmp_path / "rep"
+    run_report([full, median], out=out)
+    md = (out / "report.md").read_text()
+    head = section(md, "Headline")
+    # client 0 records 8·2/2 = 8 at the end, client 1 (failed last) 7·1/2 = 3.5: max 8.0
+    assert "| full | align-fl | full | 8 | 2/3 (not finished) |" in head
+    assert "| median | align-fl | decoder | not accounted | 2/3 (not finished) |" in head
+    rows = {r["run"]: r for r in read_csv(out / "headline.csv")}
+    assert float(rows["full"]["epsilon_spent"]) == 8.0 and rows["full"]["dp_accounted"] == "True"
+    assert rows["median"]["epsilon_spent"] == "" and rows["median"]["dp_accounted"] == "False"
+    privacy = md.split("### Privacy", 1)[1].split("###", 1)[0]
+    assert "| full | 8 | 7.2 |" in privacy  # recorded ε and the cross-check (0.9 · 8)
+    clients = md.split("### Clients", 1)[1].split("###", 1)[0]
+    assert "| median | 0 | ok | 2/2 | 10 | 9 | 8 (not accounted) |" in clients
+
+
 def test_privacy_utility_for_runs_differing_in_epsilon(tmp_path):
     paths = [write_run(tmp_path / sub / "same" / "results.h5", rounds=2, final=False,
                        mode=mode, epsilon=eps)
-             for sub, mode, eps in (("a", "decoder", 1.0), ("b", "decoder", 8.0),
+             for sub, mode, eps in (("a", "full", 1.0), ("b", "full", 8.0),
                                     ("c", "none", 10.0))]
     out = tmp_path / "rep"
     written = run_report(paths, out=out)
@@ -206,9 +308,46 @@ def test_privacy_utility_for_runs_differing_in_epsilon(tmp_path):
     assert_png(out / "privacy_utility.png")
     rows = read_csv(out / "summary.csv")
     assert [r["run"] for r in rows] == ["same", "same-2", "same-3"]
-    assert [float(r["epsilon"]) for r in rows] == [1.0, 8.0, math.inf]
+    assert [float(r["epsilon_spent"]) for r in rows] == [1.0, 8.0, math.inf]
     assert float(rows[1]["client_0.epsilon"]) == pytest.approx(8.0)
-    assert float(rows[1]["client_1.epsilon"]) == pytest.approx(4.0)  # failed in the last round
+    assert float(rows[1]["client_1.epsilon"]) == pytest.approx(3.5)  # failed in the last round
+
+
+def test_comparison_with_a_baseline_groups_seeds(tmp_path):
+    a = [write_run(tmp_path / f"a-s{s}" / "results.h5", rounds=2, final=False, seed=s,
+                   shift=0.01 * s) for s in range(2)]
+    b = [write_run(tmp_path / f"b-s{s}" / "results.h5", rounds=2, final=False, seed=s,
+                   lip=1.0, shift=0.1 + 0.03 * s) for s in range(2)]
+    c = write_run(tmp_path / "c" / "results.h5", rounds=2, final=False, lip=2.0)
+    out = tmp_path / "rep"
+    written = run_report([b[0], a[0], b[1], a[1], c], out=out, baseline=a[0].parent)
+    assert out / "comparison.csv" in written
+    rows = read_csv(out / "comparison.csv")
+    assert [r["group"] for r in rows] == ["a-s0, a-s1", "b-s0, b-s1", "c"]
+    assert [r["seeds"] for r in rows] == ["0, 1", "0, 1", "0"]
+    base, lip, single = rows
+    assert float(base["latent_accuracy.mean"]) == pytest.approx(0.605)
+    assert float(base["latent_accuracy.sd"]) == pytest.approx(0.01 / math.sqrt(2))
+    assert float(lip["latent_accuracy.delta"]) == pytest.approx(0.11)
+    se = math.sqrt((0.03 / math.sqrt(2)) ** 2 / 2 + (0.01 / math.sqrt(2)) ** 2 / 2)
+    assert float(lip["latent_accuracy.delta_se"]) == pytest.approx(se)
+    assert single["latent_accuracy.sd"] == "" and float(single["latent_accuracy.delta"]) == \
+        pytest.approx(-0.005)
+    assert base["latent_accuracy.delta"] == "0.0"
+    md = section((out / "report.md").read_text(), "Comparison with a-s0")
+    assert "| a-s0, a-s1 (baseline) | 0, 1 | 0.605 ± 0.007071 |" in md
+    assert "| b-s0, b-s1 | 0, 1 | 0.715 ± 0.02121 (+0.11 ± 0.01581) |" in md
+    assert "| c | 0 | 0.6 (−0.005 ± 0.005) |" in md
+
+
+def test_unknown_baseline_is_refused(tmp_path):
+    a = write_run(tmp_path / "a" / "results.h5", rounds=1, final=False)
+    other = write_run(tmp_path / "other" / "results.h5", rounds=1, final=False)
+    with pytest.raises(ConfigError, match=r"--baseline .*other.* is not one of the reported "
+                                          r"runs \(a\); pass one of the RESULTS paths"):
+        run_report([a], out=tmp_path / "rep", baseline=other)
+    assert not (tmp_path / "rep").exists()
+    assert run_report([a], out=tmp_path / "rep", baseline="a")[-1].name == "report.md"
 
 
 def test_bad_input_raises_schema_error(tmp_path):
@@ -230,23 +369,43 @@ def test_tables_for_notebooks(tmp_path):
     rows = runs_table([a, b])
     assert [r["run"] for r in rows] == ["a", "b"] and list(rows[0]) == list(rows[1])
     assert rows[0]["lipschitz_weight"] == 0.5 and rows[1]["latent_accuracy"] == 0.5
+    head = headline_table([a, b])
+    assert [r["latent_accuracy"] for r in head] == [0.6, 0.5]
     per_round = per_round_table(a)
-    assert [r["round"] for r in per_round] == [0, 1]
+    assert [r["round"] for r in per_round] == [1, 2]
     assert per_round[1]["client_1.loss"] is None and per_round[0]["client_1.loss"] == 11.0
 
 
-def test_cli_one_line_error(tmp_path, capsys):
+def test_version_1_file_is_reported_with_rounds_from_1(tmp_path):
+    path = write_run(tmp_path / "old" / "results.h5", rounds=2, final=False)
+    with h5py.File(path, "a") as f:  # turn it into what version 1 wrote: rounds 0 and 1
+        f.attrs["schema_version"] = 1
+        f["rounds"].move("0001", "0000")
+        f["rounds"].move("0002", "0001")
+    out = tmp_path / "rep"
+    run_report([path], out=out)
+    assert [r["round"] for r in read_csv(out / "rounds_old.csv")] == ["1", "2"]
+    assert "(round 1: 0.5)" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["report", "{bad}"], "not a readable HDF5 file"),
+    (["report", "{missing}"], "no such file"),
+    (["report", "{good}", "--baseline", "{missing}"], "is not one of the reported runs"),
+])
+def test_cli_one_line_error(tmp_path, capsys, argv, message):
     from alignfl_mpi import cli
 
-    try:
-        cli.build_parser().parse_args(["report", "x.h5"])
-    except SystemExit:
-        pytest.skip("the report subcommand is not wired into cli.py yet")
     bad = tmp_path / "x.h5"
     bad.write_text("x")
-    assert cli.main(["report", str(bad), "--out", str(tmp_path / "rep")]) == 2
+    good = write_run(tmp_path / "good" / "results.h5", rounds=1, final=False)
+    paths = {"bad": bad, "missing": tmp_path / "missing.h5", "good": good}
+    argv = [a.format(**paths) for a in argv] + ["--out", str(tmp_path / "rep")]
+    assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("alignfl-mpi: error: ") and "x.h5" in err[0]
+    assert len(err) == 1 and err[0].startswith("alignfl-mpi: error: "), err
+    assert message in err[0]
+    assert not (tmp_path / "rep").exists()
 
 
 def test_doctests():
