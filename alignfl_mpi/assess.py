@@ -283,7 +283,7 @@ class RoundEvaluator:
         z = torch.randn(GRID_PER_ROW * 5, state.spec.latent_dim, generator=gen).to(self.device)
         global_imgs = state.vae.decode(z).reshape(-1, *state.spec.image_shape).cpu()
         state.vae.train(was_training)
-        paths = [save_image_grid(global_imgs, self.png_dir / f"global_r{round_:04d}.png",
+        paths = [save_image_grid(global_imgs, self.png_dir / f"global_r{round_ + 1:04d}.png",
                                  nrow=GRID_PER_ROW)]
         if state.registry:
             rows, labels = [], []
@@ -291,6 +291,6 @@ class RoundEvaluator:
                 rows.append(state.sample_client(cid, GRID_PER_ROW, seed=seed + cid).cpu())
                 labels.append(f"client {cid}")
             paths.append(save_image_grid(torch.cat(rows),
-                                         self.png_dir / f"clients_r{round_:04d}.png",
+                                         self.png_dir / f"clients_r{round_ + 1:04d}.png",
                                          nrow=GRID_PER_ROW, labels=labels))
         return paths

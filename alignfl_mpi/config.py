@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import tomllib
 import types
@@ -180,6 +181,8 @@ class ServerConfig:
         max_message_mb: Largest accepted message; larger ones are rejected.
         final_drain_s: At the end, seconds to wait for stragglers' late messages.
         start_timeout_s: Seconds to wait for every client's set-up (READY) before round 0.
+        stop_timeout_s: At the very end, seconds to wait for every client's answer to STOP;
+            ranks that have not answered by then are aborted (the results are complete).
         classifier_epochs: Train a digit classifier (LeNet) on the labelled synthetic pool
             for this many epochs every round and report ``task_accuracy`` on the real test
             set (0: off; needs conditional client decoders).
@@ -200,6 +203,7 @@ class ServerConfig:
     max_message_mb: float = 64.0
     final_drain_s: float = 60.0
     start_timeout_s: float = 600.0
+    stop_timeout_s: float = 30.0
     quality_metrics: bool = True
     classifier_epochs: int = 0
 
@@ -465,9 +469,13 @@ def validate(cfg: RunConfig) -> None:
         _positive(f"{where}.lipschitz.weight", c.lipschitz.weight, allow_zero=True)
         _positive(f"{where}.lipschitz.target", c.lipschitz.target)
         _check_model(f"{where}.model", c.model)
-        from .privacy import validate_private_client  # lazy: privacy imports torch
+        from .privacy import validate_private_client, validate_strategy_privacy  # lazy
 
         validate_private_client(c)
+        validate_strategy_privacy(cfg.strategy, c, where=where)
+        if c.model.conditional and cfg.strategy != "align-fl":
+            raise ConfigError(f"{where}.model.conditional is supported by strategy 'align-fl' "
+                              f"only ({cfg.strategy!r} trains and averages without labels)")
         if c.model.conditional and (c.privacy.mode != "none" or c.lipschitz.weight > 0):
             raise ConfigError(f"{where}.model.conditional cannot be combined with DP or "
                               "lipschitz.weight > 0 (the label distribution and the "
@@ -478,11 +486,61 @@ def validate(cfg: RunConfig) -> None:
     _positive("server.lr", s.lr)
     _positive("server.round_deadline_s", s.round_deadline_s, allow_zero=True)
     _positive("server.max_message_mb", s.max_message_mb)
+    _positive("server.final_drain_s", s.final_drain_s, allow_zero=True)
+    _positive("server.start_timeout_s", s.start_timeout_s)
+    _positive("server.stop_timeout_s", s.stop_timeout_s)
+    _check_message_limit(cfg)
     _check_device("server.device", s.device)
     _check_model("server.model", s.model)
     if not 0 <= cfg.data.outlier_client < cfg.n_clients:
         raise ConfigError(f"data.outlier_client {cfg.data.outlier_client} is out of range "
                           f"0..{cfg.n_clients - 1}")
+
+
+MESSAGE_OVERHEAD_BYTES = 64 * 2**10
+"""Room for a message's header (names, spec, metrics) on top of its tensor bytes."""
+
+
+def largest_message_bytes(cfg: RunConfig) -> tuple[int, str]:
+    """Upper bound on the largest message the configured run sends, and what it is.
+
+    ALIGN-FL clients send their decoder and prior; the averaging baselines send the whole
+    VAE both ways. Shapes come from the model zoo on the ``meta`` device (nothing built).
+    """
+    import torch
+
+    from .client import model_spec
+    from .models import build_vae
+
+    def vae_bytes(model: ModelConfig, *, whole: bool) -> int:
+        with torch.device("meta"):
+            vae = build_vae(model_spec(model))
+        module = vae if whole else vae.decoder
+        return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+    whole = cfg.strategy != "align-fl"
+    best, what = 0, ""
+    for k in range(cfg.n_clients):
+        c = cfg.client_config(k)
+        prior = 4 * c.prior_components * (2 * c.model.latent_dim + 1) + 8 * 16
+        size = vae_bytes(c.model, whole=whole) + prior + MESSAGE_OVERHEAD_BYTES
+        if size > best:
+            best, what = size, f"client {k}'s {'model' if whole else 'decoder update'}"
+    if whole:
+        size = vae_bytes(cfg.server.model, whole=True) + MESSAGE_OVERHEAD_BYTES
+        if size > best:
+            best, what = size, "the global model"
+    return best, what
+
+
+def _check_message_limit(cfg: RunConfig) -> None:
+    """Refuse a ``server.max_message_mb`` smaller than a message the run must send."""
+    need, what = largest_message_bytes(cfg)
+    limit = cfg.server.max_message_mb * 2**20
+    if need > limit:
+        raise ConfigError(f"server.max_message_mb = {cfg.server.max_message_mb:g} is smaller "
+                          f"than {what} (up to {need / 2**20:.2f} MB); set "
+                          f"server.max_message_mb >= {math.ceil(need / 2**20 * 100) / 100:g}")
 
 
 def _check_choice(where: str, value: str, choices: tuple[str, ...]) -> None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import socket
 import struct
 import traceback as traceback_module
@@ -51,6 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 __all__ = [
     "ALLOWED_DTYPES",
+    "Bye",
     "MAGIC",
     "PAYLOAD_TYPES",
     "Ready",
@@ -85,6 +87,32 @@ MAX_NDIM = 32
 MAX_TRACEBACK_CHARS = 20_000
 """A :class:`RemoteError` keeps at most the last this many characters of a traceback."""
 
+MAX_TEXT_CHARS = 2_000
+"""Longest short string field (host, device, exception type and message, reasons)."""
+
+MAX_META_INT = 2**31 - 1
+"""Largest integer a count in the metadata (round, client id, rank, samples) may hold."""
+
+MAX_EXACT_INT = 2**53
+"""Largest integer magnitude accepted as a number (it converts to float exactly)."""
+
+MAX_DIM = 2**31 - 1
+"""Largest size of one tensor dimension."""
+
+MAX_EMPTY_BYTES = 2**32
+"""Bound on the product of a zero-size tensor's non-zero dimensions times its item size,
+so that even an empty array can always be allocated."""
+
+MAX_METRICS = 64
+"""Most scalar metrics an update may carry."""
+
+METRIC_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
+"""Pattern of an accepted metric name (they become HDF5 attribute names)."""
+
+RESERVED_METRICS = frozenset({"status", "error", "traceback", "message_bytes", "update_round",
+                              "busy_round", "unsolicited"})
+"""Names the server sets itself; a client may not send a metric under them."""
+
 _WIRE_DTYPES: dict[str, np.dtype] = {
     "float32": np.dtype("<f4"),
     "float64": np.dtype("<f8"),
@@ -118,6 +146,8 @@ class Tag(IntEnum):
     """Client to server: set-up finished (host, device, data size)."""
     MODEL = 7
     """Server to client: the global model's weights (FedAvg/FedProx baselines only)."""
+    BYE = 8
+    """Client to server: STOP received; this rank sends nothing more and finalizes."""
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -362,12 +392,17 @@ def _check_entry(entry: Any, index: int) -> tuple[str, str, tuple[int, ...], int
             f"tensor {name!r} has unknown dtype {dtype_name!r}; "
             f"allowed: {', '.join(ALLOWED_DTYPES)}"
         )
-    if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(_is_count(d) for d in shape):
-        raise MessageError(f"tensor {name!r} has an invalid shape {shape!r}")
+    if (not isinstance(shape, list) or len(shape) > MAX_NDIM
+            or not all(_is_count(d) and d <= MAX_DIM for d in shape)):
+        raise MessageError(f"tensor {name!r} has an invalid shape {str(shape)[:80]}")
+    itemsize = _WIRE_DTYPES[dtype_name].itemsize
+    if math.prod(d for d in shape if d) * itemsize > MAX_EMPTY_BYTES and 0 in shape:
+        raise MessageError(f"tensor {name!r} is empty but its other dimensions are too large "
+                           f"({str(shape)[:80]})")
     offset, nbytes = entry["offset"], entry["nbytes"]
     if not _is_count(offset) or not _is_count(nbytes):
         raise MessageError(f"tensor {name!r} has an invalid offset {offset!r} or nbytes {nbytes!r}")
-    expected = math.prod(shape) * _WIRE_DTYPES[dtype_name].itemsize
+    expected = math.prod(shape) * itemsize
     if expected != nbytes:
         raise MessageError(
             f"tensor {name!r}: shape {shape} of {dtype_name} needs {expected} bytes "
@@ -435,6 +470,19 @@ def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters (safe for any JSON value).
+
+    >>> _short("x" * 100, 10)
+    "'xxxxxxxxx..."
+    """
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long for repr
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 1] + "..."
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
@@ -468,7 +516,8 @@ def _check_meta(
     for key, (predicate, description) in checks.items():
         if not predicate(meta[key]):
             raise MessageError(
-                f"{kind!r} message meta {key!r} must be {description}, got {meta[key]!r}"
+                f"{kind!r} message meta {key!r} must be {description}, "
+                f"got {_short(meta[key])}"
             )
     if not tensors and msg.tensors:
         raise MessageError(f"{kind!r} message must not carry tensors, got {list(msg.tensors)[:3]}")
@@ -476,18 +525,60 @@ def _check_meta(
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer (bool excluded) within +-:data:`MAX_META_INT`."""
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_META_INT
+
+
+def _is_meta_count(value: Any) -> bool:
+    """A non-negative integer up to :data:`MAX_META_INT`."""
+    return _is_count(value) and value <= MAX_META_INT
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite float, or an integer that converts to float exactly (never overflows).
+
+    >>> _is_number(1.5), _is_number(10**400), _is_number(True)
+    (True, False, False)
+    """
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return abs(value) <= MAX_EXACT_INT
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def is_text(value: Any, *, max_chars: int = MAX_TEXT_CHARS) -> bool:
+    """A string that can be stored anywhere: bounded, no NUL, valid UTF-8 (no surrogates).
+
+    >>> is_text("node-1"), is_text("a\\x00b"), is_text("\\ud800"), is_text("x" * 3000)
+    (True, False, False, False)
+    """
+    if not isinstance(value, str) or len(value) > max_chars or "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def is_metric_name(name: Any) -> bool:
+    """A metric name a client may send: :data:`METRIC_NAME`, not a reserved name.
+
+    >>> is_metric_name("loss"), is_metric_name(""), is_metric_name("status")
+    (True, False, False)
+    """
+    return (isinstance(name, str) and METRIC_NAME.fullmatch(name) is not None
+            and name not in RESERVED_METRICS)
 
 
 _BOOL = (lambda v: isinstance(v, bool), "a bool")
-_STR = (lambda v: isinstance(v, str), "a string")
+_STR = (is_text, f"a string of at most {MAX_TEXT_CHARS} characters without NUL")
+_LONG_STR = (lambda v: is_text(v, max_chars=MAX_TRACEBACK_CHARS),
+             f"a string of at most {MAX_TRACEBACK_CHARS} characters without NUL")
 _DICT = (lambda v: isinstance(v, dict), "an object")
-_COUNT = (_is_count, "a non-negative integer")
-_INT = (_is_int, "an integer")
+_COUNT = (_is_meta_count, f"an integer in 0..{MAX_META_INT}")
+_INT = (_is_int, f"an integer in -{MAX_META_INT}..{MAX_META_INT}")
 _DEADLINE = (
     lambda v: v is None or (_is_number(v) and v > 0),
     "null or a positive number of seconds",
@@ -610,9 +701,15 @@ class DecoderUpdate:
         meta = _check_meta(msg, cls.KIND, checks, tensors=True)
         where = f"update from client {meta['client_id']} for round {meta['round']}"
         metrics = meta["metrics"]
+        if len(metrics) > MAX_METRICS:
+            raise MessageError(f"{where}: {len(metrics)} metrics, over the limit of {MAX_METRICS}")
         for key, value in metrics.items():
+            if not is_metric_name(key):
+                raise MessageError(f"{where}: metric name {_short(key)} is not allowed (letters, "
+                                   "digits and _, at most 64, not a reserved name)")
             if not _is_number(value):
-                raise MessageError(f"{where}: metric {key!r} must be a number, got {value!r}")
+                raise MessageError(f"{where}: metric {key!r} must be a finite number, "
+                                   f"got {_short(value)}")
         state: dict[str, np.ndarray] = {}
         prior: dict[str, np.ndarray] = {}
         for name, array in msg.tensors.items():
@@ -725,8 +822,8 @@ class RemoteError:
             "host": _STR,
             "round": _INT,
             "exc_type": _STR,
-            "message": _STR,
-            "traceback": _STR,
+            "message": _LONG_STR,
+            "traceback": _LONG_STR,
         }
         meta = _check_meta(msg, cls.KIND, checks)
         return cls(**meta)
@@ -750,6 +847,26 @@ class Stop:
         """Check and convert a received message; raises MessageError if it does not fit."""
         meta = _check_meta(msg, cls.KIND, {"reason": _STR})
         return cls(reason=meta["reason"])
+
+
+@dataclass(frozen=True, kw_only=True)
+class Bye:
+    """Client to server: the answer to STOP; the client sends nothing after it."""
+
+    TAG: ClassVar[Tag] = Tag.BYE
+    KIND: ClassVar[str] = "bye"
+
+    client_id: int
+
+    def to_message(self) -> Message:
+        """Return the wire message."""
+        return Message(kind=self.KIND, meta={"client_id": self.client_id})
+
+    @classmethod
+    def from_message(cls, msg: Message) -> Bye:
+        """Check and convert a received message; raises MessageError if it does not fit."""
+        meta = _check_meta(msg, cls.KIND, {"client_id": _COUNT})
+        return cls(client_id=meta["client_id"])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -817,7 +934,7 @@ class GlobalModel:
 
 
 Payload = (StartInstruction | TrainInstruction | DecoderUpdate | RemoteError | Stop | Ready
-           | GlobalModel)
+           | GlobalModel | Bye)
 """Any payload dataclass."""
 
 PAYLOAD_TYPES: dict[Tag, type] = {
@@ -828,6 +945,7 @@ PAYLOAD_TYPES: dict[Tag, type] = {
     Tag.STOP: Stop,
     Tag.READY: Ready,
     Tag.MODEL: GlobalModel,
+    Tag.BYE: Bye,
 }
 """The payload class carried under each tag."""
 

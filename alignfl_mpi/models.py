@@ -380,7 +380,9 @@ def decoder_state_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         >>> decoder_state_shapes(ModelSpec(arch="mlp", hidden=(8,)))
         {'0.weight': (8, 2), '0.bias': (8,), '2.weight': (784, 8), '2.bias': (784,)}
     """
-    return {k: tuple(v.shape) for k, v in build_decoder(spec).state_dict().items()}
+    with torch.device("meta"):  # shapes only: nothing is allocated, however wide the spec
+        decoder = build_decoder(spec)
+    return {k: tuple(v.shape) for k, v in decoder.state_dict().items()}
 
 
 def vae_loss(

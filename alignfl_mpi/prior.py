@@ -20,6 +20,9 @@ from alignfl_mpi.errors import MessageError
 __all__ = ["GaussianMixturePrior", "fit_gmm", "standard_normal_prior"]
 
 ARRAY_KEYS = ("weights", "means", "log_vars")
+
+MAX_ABS_LOG_VAR = 40.0
+"""Received log-variances must lie within +-this (variances 4e-18 .. 2e17)."""
 _WEIGHT_SUM_TOL = 1e-4
 
 
@@ -123,6 +126,10 @@ class GaussianMixturePrior:
             raise MessageError("prior arrays contain NaN, infinite or float32-overflowing values")
         if (weights < 0).any():
             raise MessageError("prior weights must be non-negative")
+        if (np.abs(log_vars) > MAX_ABS_LOG_VAR).any():
+            raise MessageError(f"prior log-variances must lie in [-{MAX_ABS_LOG_VAR:g}, "
+                               f"{MAX_ABS_LOG_VAR:g}], got [{log_vars.min():.3g}, "
+                               f"{log_vars.max():.3g}]")
         total = float(weights.sum(dtype=np.float64))
         if abs(total - 1.0) > _WEIGHT_SUM_TOL:
             raise MessageError(f"prior weights sum to {total:.6g}, expected 1")

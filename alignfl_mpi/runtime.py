@@ -16,6 +16,13 @@ Protocol, one round ``r`` (server side / client side)::
 A client that raises sends ERROR (rank, host, traceback) and the server counts a failure
 for that client and round. A client that misses ``server.round_deadline_s`` is a
 straggler: the server goes on with its stored decoder and takes the late UPDATE later.
+
+Failures (docs/DESIGN.md, "Failure model"): any exception on rank 0 that is not a user
+error before the first round aborts every rank within seconds (``MPI_Abort``), after one
+line on stderr and the traceback in ``RUN_DIR/error.log``; the results file keeps every
+completed round. Every message from a client is untrusted: a bad one is rejected with a
+reason naming its rank. STOP is answered by BYE; the server waits at most
+``server.stop_timeout_s`` for them (draining anything else) and aborts the rest.
 """
 
 from __future__ import annotations
@@ -37,11 +44,13 @@ from .client import (LocalState, SharedUpdate, images_to_tensor, new_local_state
                      run_averaging_round, run_local_round)
 from .config import RunConfig, load_config, to_dict, to_json
 from .datasets import data_root as resolve_data_root
-from .errors import AlignFLError, ConfigError
-from .messages import (DecoderUpdate, GlobalModel, Ready, RemoteError, StartInstruction, Stop,
-                       Tag, TrainInstruction)
+from .errors import AlignFLError, ConfigError, MessageError
+from .messages import (Bye, DecoderUpdate, GlobalModel, Ready, RemoteError, StartInstruction,
+                       Stop, Tag, TrainInstruction)
 from .results import RESULTS_NAME, ResultsWriter
-from .schema import CHECKPOINT_NAME, read_client, read_partition_info, read_split
+from .runlock import RunLock
+from .schema import (CHECKPOINT_NAME, client_sizes, read_client, read_partition_info,
+                     read_split)
 
 log = logging.getLogger("alignfl_mpi")
 
@@ -132,6 +141,48 @@ def run_paths(cfg: RunConfig) -> tuple[Path, Path, Path]:
     return out / RESULTS_NAME, out / "checkpoints", out / "png"
 
 
+ERROR_LOG = "error.log"
+"""File in the run folder that receives rank 0's traceback when it aborts the job."""
+
+
+def prepare_run_dir(cfg: RunConfig) -> None:
+    """Create the run folder and its sub-folders, or refuse with one line.
+
+    Raises:
+        ConfigError: A path (or one of its parents) exists but is not a folder, or it
+            cannot be created.
+    """
+    results, ckpt_dir, png_dir = run_paths(cfg)
+    folders = [results.parent]
+    if cfg.output.checkpoint:
+        folders.append(ckpt_dir)
+    if cfg.output.png:
+        folders.append(png_dir)
+    for folder in folders:
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"output path {folder} exists but is not a folder; remove it or "
+                              "choose another --output")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the output folder {folder} ({exc.strerror or exc})"
+                              "; choose another --output") from None
+    if results.exists() and not results.is_file():
+        raise ConfigError(f"{results} exists but is not a file; remove it or choose another "
+                          "--output")
+
+
+def _round_no(r: int) -> int:
+    """The round number people and files see: the runtime's 0-based index + 1."""
+    return r + 1
+
+
+def _clean_text(text: str, limit: int = 2000) -> str:
+    """A reason fit for logs and HDF5: valid UTF-8, no NUL, at most ``limit`` characters."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\0")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 # --- entry point ----------------------------------------------------------------------
 def main_run(args: Any) -> int:
     """``alignfl-mpi run``: rank 0 runs the server, ranks 1..N the clients."""
@@ -180,6 +231,22 @@ class ClientLoop:
         self.ckpt_dir = ckpt_dir / f"client_{self.client_id}"
 
     def run(self) -> int:
+        """Serve until STOP. A failure outside the training step aborts the job."""
+        try:
+            return self._serve()
+        except BaseException as exc:  # the loop itself broke: never a silent exit
+            log.error("client %d: %s: %s; aborting the job", self.client_id,
+                      type(exc).__name__, exc, exc_info=True)
+            try:
+                err = RemoteError.from_exception(exc, rank=self.rank, round=-1)
+                self.transport.isend(0, Tag.ERROR, err.to_message())
+                time.sleep(0.5)  # give the ERROR a moment to reach rank 0's log
+            finally:
+                from .transport import finalize_abort
+
+                finalize_abort(self.transport.comm, 1)
+
+    def _serve(self) -> int:
         start = self.client_start()
         if not start.ok:
             return 2
@@ -191,6 +258,7 @@ class ClientLoop:
                 log.warning("bad message from the server ignored: %s", rcv.error)
                 continue
             if rcv.tag == Tag.STOP:
+                self.transport.send(0, Tag.BYE, Bye(client_id=self.client_id).to_message())
                 return 0
             if rcv.tag == Tag.MODEL:
                 self.global_state = rcv.payload.state
@@ -218,6 +286,8 @@ class ClientLoop:
                 self.classifier = reference_classifier(partition_path(self.cfg), device=device)
             log.info("client %d on %s, device %s, %d samples (%d outliers)", self.client_id,
                      socket.gethostname(), device, len(part.labels), int(part.outlier.sum()))
+            if not len(part.labels):
+                raise AlignFLError(f"client {self.client_id} has no training samples")
             ready = Ready(client_id=self.client_id, host=socket.gethostname(),
                           device=str(device), n_samples=len(part.labels),
                           setup_s=time.perf_counter() - t0)
@@ -250,12 +320,12 @@ class ClientLoop:
             payload = DecoderUpdate(round=r, client_id=self.client_id, spec=update.spec,
                                     state=update.state, prior=update.prior,
                                     metrics=update.metrics)
+            # encoding and sending fail here, not in the loop: too big, not encodable, ...
+            self.transport.send(0, Tag.UPDATE, payload.to_message())
         except Exception as exc:
-            log.error("client %d failed in round %d: %s", self.client_id, r, exc)
+            log.error("client %d failed in round %d: %s", self.client_id, _round_no(r), exc)
             err = RemoteError.from_exception(exc, rank=self.rank, round=r)
             self.transport.send(0, Tag.ERROR, err.to_message())
-            return
-        self.transport.send(0, Tag.UPDATE, payload.to_message())
 
     def local_train(self, round_: int) -> SharedUpdate:
         """One round of local training (tests replace this to inject faults)."""
@@ -311,37 +381,85 @@ class Server:
         self.n = cfg.n_clients
         self.busy: dict[int, int] = {}  # client id -> round it is working on
         self.results_path, self.ckpt_dir, self.png_dir = run_paths(cfg)
+        self.lock = RunLock(self.results_path.parent)
+        self.outbox: list[Any] = []  # sends in flight (never blocks on a client)
+        self.writer: ResultsWriter | None = None
+
+    def _send(self, client: int, payload: Any) -> None:
+        """Start a send to a client without waiting for it to be received."""
+        self.outbox = [p for p in self.outbox if not p.test()]
+        self.outbox.append(self.transport.isend(client + 1, payload.TAG, payload.to_message()))
 
     # -- start ----------------------------------------------------------------------
     def run(self) -> int:
+        """Start, run every round, stop. Any failure ends the whole job within seconds.
+
+        A user error found during set-up (bad partition, locked or unusable run folder,
+        ...) stops every client with START(ok=False) and is printed once by the CLI.
+        Anything else, at any time, aborts all ranks (:meth:`_fail`).
+        """
         try:
-            self.server_start()
-        except BaseException as exc:
-            reason = str(exc) if isinstance(exc, AlignFLError) else f"server set-up failed: {exc}"
-            self._broadcast(StartInstruction(ok=False, reason=reason))
-            raise
-        self._broadcast(StartInstruction(ok=True))
-        try:
+            try:
+                self.server_start()
+            except AlignFLError as exc:
+                self._broadcast(StartInstruction(ok=False, reason=str(exc)))
+                self._flush_outbox(timeout=5.0)
+                raise
+            self._broadcast(StartInstruction(ok=True))
             self.wait_ready()
             for r in range(self.start_round, self.cfg.rounds):
                 self.server_round(r)
             self.server_stop()
-        except BaseException as exc:
-            log.error("server failed: %s", exc)
-            from .transport import finalize_abort
-
-            logging.getLogger().handlers[0].flush()
-            if isinstance(exc, AlignFLError):
-                import sys
-
-                print(f"alignfl-mpi: error: {exc}", file=sys.stderr, flush=True)
-                finalize_abort(self.transport.comm, 2)
-            raise
+        except AlignFLError:
+            if self.writer is None:  # set-up: the clients were told; the CLI prints it
+                raise
+            self._fail(*_exc_info())
+        except BaseException:
+            self._fail(*_exc_info())
         return 0
+
+    def _fail(self, exc: BaseException, tb_text: str) -> None:
+        """Print one line, keep the traceback in the run folder's log, abort every rank."""
+        import sys
+
+        from .transport import finalize_abort
+
+        code = 2 if isinstance(exc, AlignFLError) else 130 if isinstance(
+            exc, KeyboardInterrupt) else 1
+        where = ""
+        try:
+            path = self.results_path.parent / ERROR_LOG
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} rank 0 on "
+                         f"{socket.gethostname()}:\n{tb_text}\n")
+            where = f"; traceback in {path}"
+        except OSError:
+            log.debug("%s", tb_text)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        kind = "" if isinstance(exc, AlignFLError) else f"{type(exc).__name__}: "
+        kept = ""
+        if self.writer is not None:
+            kept = f"; {self.results_path} keeps every completed round"
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        print(f"alignfl-mpi: error: server failed: {kind}{reason}{kept}{where}; aborting all "
+              "ranks", file=sys.stderr, flush=True)
+        finalize_abort(self.transport.comm, code)
 
     def _broadcast(self, payload: Any) -> None:
         for client in range(self.n):
-            self.transport.send(client + 1, payload.TAG, payload.to_message())
+            self._send(client, payload)
+
+    def _flush_outbox(self, *, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for every send in flight; True when all completed."""
+        end = time.monotonic() + timeout
+        while True:
+            self.outbox = [p for p in self.outbox if not p.test()]
+            if not self.outbox:
+                return True
+            if time.monotonic() >= end:
+                return False
+            time.sleep(0.005)
 
     def server_start(self) -> None:
         from .evaluation import latent_classification  # noqa: F401  (fail early on import)
@@ -358,7 +476,13 @@ class Server:
             make_partition(partition_request(cfg), output=path,
                            root=cfg.data.data_root or None)
         self.partition = read_partition_info(path, expected_clients=self.n)
+        empty = [k for k, size in enumerate(client_sizes(path)) if size == 0]
+        if empty:
+            raise ConfigError(f"partition {path}: client(s) {empty} have no training samples; "
+                              "re-partition (fewer clients, another scheme or alpha)")
         self.test_images, self.test_labels = read_split(path)
+        prepare_run_dir(cfg)
+        self.lock.acquire()
         self.device = pick_device(cfg.server.device, local_rank=self.local_rank)
         self.state = ServerState(cfg, device=self.device)
         self.start_round = 0
@@ -397,7 +521,7 @@ class Server:
         ckpt = load_checkpoint(path)
         self.state.load_state_dict(ckpt["server"])
         set_rng_state(ckpt["rng"])
-        log.info("resuming after round %d", self.state.rounds_done - 1)
+        log.info("resuming after round %d", self.state.rounds_done)
         return self.state.rounds_done
 
     def _make_evaluator(self) -> Any:
@@ -431,7 +555,9 @@ class Server:
                 info[str(c)] = {"error": rcv.payload.summary()}
                 log.warning("client %d set-up failed: %s", c, rcv.payload.summary())
             else:
-                info[str(c)] = {"error": str(rcv.error)}
+                info[str(c)] = {"error": _clean_text(str(rcv.error))}
+                log.warning("client %d (rank %d): rejected set-up message: %s", c, rcv.source,
+                            rcv.error)
         for c in pending:
             log.warning("client %d not ready after %.0f s; treated as a straggler", c,
                         self.cfg.server.start_timeout_s)
@@ -450,22 +576,22 @@ class Server:
         asked = [c for c in range(self.n) if c not in self.busy]
         for c in range(self.n):
             if c in self.busy:
-                record.clients[c] = {"status": "straggler", "busy_round": self.busy[c]}
+                record.clients[c] = {"status": "straggler", "busy_round": _round_no(self.busy[c])}
         instruction = TrainInstruction(round=r, deadline_s=deadline)
-        model = (GlobalModel(round=r, state=self.state.global_arrays()).to_message()
+        model = (GlobalModel(round=r, state=self.state.global_arrays())
                  if cfg.strategy != "align-fl" else None)
         for c in asked:
             if model is not None:
-                self.transport.send(c + 1, Tag.MODEL, model)
-            self.transport.send(c + 1, Tag.TRAIN, instruction.to_message())
+                self._send(c, model)
+            self._send(c, instruction)
             self.busy[c] = r
         self.collect(r, record, deadline=deadline)
         t_collect = time.perf_counter() - t_round
         for c in range(self.n):
             if self.busy.get(c) == r:
-                record.clients[c] = {"status": "straggler", "busy_round": r}
+                record.clients[c] = {"status": "straggler", "busy_round": _round_no(r)}
                 log.warning("round %d: client %d missed the %.1f s deadline; using its stored "
-                            "decoder", r, c, deadline or 0)
+                            "decoder", _round_no(r), c, deadline or 0)
 
         t0 = time.perf_counter()
         images, labels = self.state.sample_synthetic(round_=r)
@@ -479,7 +605,8 @@ class Server:
                 server_metrics.update(self.state.train_classifier(
                     images, self.state.last_classes, round_=r))
         else:
-            log.warning("round %d: no decoder stored yet; the global model is not trained", r)
+            log.warning("round %d: no decoder stored yet; the global model is not trained",
+                        _round_no(r))
             server_metrics = {"n_synthetic": 0.0}
         t_server = time.perf_counter() - t0
         self.state.rounds_done = r + 1
@@ -527,47 +654,77 @@ class Server:
             self.handle(rcv, r, record)
 
     def handle(self, rcv: Any, r: int, record: RoundRecord) -> None:
-        """Take one message from a client: store its decoder, or count its failure."""
+        """Take one message from a client: store its decoder, or count its failure.
+
+        Only the first message from a client that was asked for a round answers that
+        round; anything else (a second message, a message nobody asked for) is rejected
+        and counted as ``unsolicited``. Every rejection is logged with the sender's rank.
+        """
         c = rcv.source - 1
+        who = f"client {c} (rank {rcv.source})"
         if not 0 <= c < self.n:
-            log.warning("round %d: message from unexpected rank %d ignored", r, rcv.source)
+            log.warning("round %d: message from unexpected rank %d ignored", _round_no(r),
+                        rcv.source)
             return
-        was_round = self.busy.pop(c, None)
         record.comm_bytes += rcv.nbytes
-        late = was_round is not None and was_round != r
+        if c not in self.busy:
+            what = str(rcv.error) if not rcv.ok else f"unsolicited {Tag(rcv.tag).name} message"
+            log.warning("round %d: rejected message from %s: %s", _round_no(r), who, what)
+            entry = record.clients.setdefault(c, {"status": "idle"})
+            entry["unsolicited"] = int(entry.get("unsolicited", 0)) + 1
+            return
+        was_round = self.busy.pop(c)
+        late = was_round != r
         entry: dict[str, Any] = {"message_bytes": rcv.nbytes}
         if not rcv.ok:
-            entry.update(status="rejected", error=str(rcv.error))
-            log.warning("round %d: rejected message from client %d: %s", r, c, rcv.error)
+            entry.update(status="rejected", error=_clean_text(str(rcv.error)))
+            log.warning("round %d: rejected message from %s: %s", _round_no(r), who, rcv.error)
         elif rcv.tag == Tag.ERROR:
             err: RemoteError = rcv.payload
             entry.update(status="error", error=err.summary(), traceback=err.traceback)
-            log.warning("round %d: client %d failed: %s", r, c, err.summary())
+            log.warning("round %d: client %d failed: %s", _round_no(r), c, err.summary())
         elif rcv.tag == Tag.UPDATE:
-            upd: DecoderUpdate = rcv.payload
-            try:
-                if upd.client_id != c:
-                    raise AlignFLError(f"update claims client {upd.client_id} but came from "
-                                       f"rank {rcv.source}")
-                if self.cfg.strategy == "align-fl":
-                    self.state.accept(c, spec=upd.spec, state=upd.state, prior=upd.prior,
-                                      round_=upd.round, metrics=upd.metrics)
-                elif late:
-                    raise AlignFLError(f"late update for round {upd.round} is not averaged")
-                else:
-                    self.state.accept_full(c, spec=upd.spec, state=upd.state,
-                                           round_=upd.round, metrics=upd.metrics)
-                entry.update(upd.metrics)
-                entry.update(status="late" if late else "ok", update_round=upd.round)
-                if late:
-                    log.info("round %d: late update of client %d for round %d accepted",
-                             r, c, upd.round)
-            except AlignFLError as exc:
-                entry.update(status="rejected", error=str(exc))
-                log.warning("round %d: rejected update from client %d: %s", r, c, exc)
+            entry.update(self._take_update(rcv.payload, c=c, who=who, asked=was_round, r=r))
+        elif rcv.tag == Tag.READY and was_round == -1:
+            entry.update(status="ready")
+            log.info("round %d: %s is ready (late)", _round_no(r), who)
         else:
-            entry.update(status="rejected", error=f"unexpected tag {rcv.tag!r}")
+            reason = f"unexpected {Tag(rcv.tag).name} message"
+            entry.update(status="rejected", error=reason)
+            log.warning("round %d: rejected message from %s: %s", _round_no(r), who, reason)
         record.clients[c] = entry
+
+    def _take_update(self, upd: DecoderUpdate, *, c: int, who: str, asked: int,
+                     r: int) -> dict[str, Any]:
+        """Validate and store one update; the record entry for it."""
+        late = asked != r
+        try:
+            if upd.client_id != c:
+                raise MessageError(f"update claims client {upd.client_id} but came from {who}")
+            if upd.round != asked:
+                raise MessageError(f"update is for round {_round_no(upd.round)} but the client "
+                                   f"was asked for round {_round_no(asked)}")
+            if self.cfg.strategy == "align-fl":
+                self.state.accept(c, spec=upd.spec, state=upd.state, prior=upd.prior,
+                                  round_=upd.round, metrics=upd.metrics)
+            elif late:
+                raise MessageError(f"late update for round {_round_no(upd.round)} is not averaged")
+            else:
+                self.state.accept_full(c, spec=upd.spec, state=upd.state,
+                                       round_=upd.round, metrics=upd.metrics)
+        except Exception as exc:  # MessageError, or a validator gap: the update is refused
+            reason = _clean_text(str(exc) if isinstance(exc, AlignFLError)
+                                 else f"update could not be validated ({type(exc).__name__})")
+            if not isinstance(exc, AlignFLError):
+                log.error("round %d: validating the update of %s raised", _round_no(r), who,
+                          exc_info=True)
+            log.warning("round %d: rejected update from %s: %s", _round_no(r), who, reason)
+            return {"status": "rejected", "error": reason}
+        if late:
+            log.info("round %d: late update of client %d for round %d accepted", _round_no(r),
+                     c, _round_no(upd.round))
+        return {**upd.metrics, "status": "late" if late else "ok",
+                "update_round": _round_no(upd.round)}
 
     def _progress(self, r: int, record: RoundRecord, server: dict[str, Any],
                   evaluation: dict[str, Any], timings: dict[str, float]) -> None:
@@ -584,7 +741,14 @@ class Server:
 
     # -- stop -------------------------------------------------------------------------
     def server_stop(self) -> None:
-        """Drain stragglers' late messages, stop every client, write the final models."""
+        """Drain stragglers, write the final models, then STOP every client and collect BYEs.
+
+        Bounded for every rank: stragglers get ``server.final_drain_s`` to deliver, then
+        the clients get ``server.stop_timeout_s`` to answer STOP with BYE while every
+        other message is drained (a flooding rank's pending sends complete). A client
+        that has not said BYE by then, or a send that never completed, aborts the job:
+        the results are already complete.
+        """
         end = time.monotonic() + self.cfg.server.final_drain_s
         record = RoundRecord()
         while self.busy and time.monotonic() < end:
@@ -600,7 +764,35 @@ class Server:
 
             finalize_abort(self.transport.comm, 3)
         self._broadcast(Stop())
+        missing = self._collect_byes(timeout=self.cfg.server.stop_timeout_s)
+        sent = self._flush_outbox(timeout=1.0)
+        if missing or not sent:
+            from .transport import finalize_abort
+
+            log.error("clients %s did not stop within %.0f s%s; results are complete, "
+                      "aborting them", missing, self.cfg.server.stop_timeout_s,
+                      "" if sent else " (sends still pending)")
+            finalize_abort(self.transport.comm, 3)
         log.info("results in %s", self.results_path)
+
+    def _collect_byes(self, *, timeout: float) -> list[int]:
+        """Drain messages until every client said BYE; return those that did not in time."""
+        waiting = set(range(self.n))
+        end = time.monotonic() + timeout
+        dropped = 0
+        while waiting and time.monotonic() < end:
+            rcv = self.transport.recv(timeout=max(0.0, end - time.monotonic()))
+            if rcv is None:
+                break
+            if rcv.ok and rcv.tag == Tag.BYE and rcv.source - 1 in waiting:
+                waiting.discard(rcv.source - 1)
+            else:
+                dropped += 1
+        while self.transport.recv(timeout=0.0) is not None:  # anything still queued
+            dropped += 1
+        if dropped:
+            log.warning("%d message(s) after STOP dropped", dropped)
+        return sorted(waiting)
 
     def _write_final(self) -> None:
         decoders = {}
@@ -612,3 +804,13 @@ class Server:
         self.writer.write_final(
             global_state={k: v.detach().cpu().numpy() for k, v in self.state.vae.state_dict().items()},
             global_spec=self.state.spec.to_dict(), decoders=decoders)
+
+
+def _exc_info() -> tuple[BaseException, str]:
+    """The exception being handled and its formatted traceback."""
+    import sys
+    import traceback
+
+    exc = sys.exc_info()[1]
+    assert exc is not None
+    return exc, "".join(traceback.format_exception(exc))

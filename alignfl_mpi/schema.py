@@ -233,6 +233,21 @@ def read_client(path: str | os.PathLike, client_id: int) -> ClientData:
                           source_index=_check_dataset(path, g, SOURCE_INDEX, np.int64, 1, n))
 
 
+def client_sizes(path: str | os.PathLike) -> list[int]:
+    """Training samples per client, read from the dataset shapes (no image is loaded).
+
+    Raises:
+        SchemaError: A client group lacks its labels.
+    """
+    with _open(path, PARTITION_KIND) as f:
+        sizes = []
+        for key in sorted(f[CLIENTS].keys(), key=int) if CLIENTS in f else []:
+            if LABELS not in f[CLIENTS][key]:
+                raise SchemaError(f"{path}: missing dataset /{CLIENTS}/{key}/{LABELS}")
+            sizes.append(int(f[CLIENTS][key][LABELS].shape[0]))
+        return sizes
+
+
 def read_split(path: str | os.PathLike, name: str = TEST) -> tuple[np.ndarray, np.ndarray]:
     """Read ``/test`` or ``/outlier_test`` as ``(images uint8, labels int64)``."""
     with _open(path, PARTITION_KIND) as f:

@@ -75,22 +75,73 @@ def split_class_weights(model: ModelSpec, prior: dict[str, np.ndarray]
     return prior, weights / weights.sum()
 
 
+MAX_SPEC_WIDTH = 2**20
+"""Largest layer width or latent size a received spec may name (checked before building)."""
+
+MAX_SPEC_LAYERS = 32
+"""Most hidden layers a received spec may have."""
+
+MAX_PRIOR_COMPONENTS = 4096
+"""Most mixture components a received prior may have."""
+
+PROBE_SAMPLES = 64
+"""Samples drawn from a received decoder's own prior to probe its outputs."""
+
+PROBE_SEED = 20250717
+"""Seed of the probe's private generator (the global RNG is never touched)."""
+
+
+def _check_spec_bounds(spec: dict[str, Any]) -> None:
+    """Bound a received spec's sizes before anything is built from it."""
+    hidden = spec.get("hidden", ())
+    if isinstance(hidden, (list, tuple)) and len(hidden) > MAX_SPEC_LAYERS:
+        raise MessageError(f"decoder spec has {len(hidden)} hidden layers, over "
+                           f"{MAX_SPEC_LAYERS}")
+    sizes = [("latent_dim", spec.get("latent_dim", 1)), ("n_classes", spec.get("n_classes", 0))]
+    sizes += [("hidden", h) for h in (hidden if isinstance(hidden, (list, tuple)) else ())]
+    for key, value in sizes:
+        if isinstance(value, int) and not isinstance(value, bool) and value > MAX_SPEC_WIDTH:
+            raise MessageError(f"decoder spec {key} {value} is over {MAX_SPEC_WIDTH}")
+
+
 def validate_update(*, spec: dict[str, Any], state: dict[str, np.ndarray],
-                    prior: dict[str, np.ndarray],
-                    image_shape: tuple[int, int, int]) -> tuple[ModelSpec, GaussianMixturePrior]:
+                    prior: dict[str, np.ndarray], image_shape: tuple[int, int, int],
+                    max_params: int | None = None
+                    ) -> tuple[ModelSpec, GaussianMixturePrior]:
     """Check a received update against the model zoo before anything is built from it.
 
+    Only shapes are derived from the spec (on the ``meta`` device), so an enormous spec
+    costs nothing; the decoder itself is built only after every check passed.
+
+    Args:
+        spec: The received architecture dict.
+        state: The received decoder tensors.
+        prior: The received prior arrays (and class weights of a conditional decoder).
+        image_shape: The server's image shape; the decoder must produce it.
+        max_params: Largest parameter count accepted (e.g. the message limit / 4).
+
     Raises:
-        MessageError: Unregistered architecture, wrong tensor names or shapes,
-            non-finite values, an invalid prior, or the wrong image shape.
+        MessageError: Unregistered architecture, a spec over the size bounds, wrong tensor
+            names, shapes or dtypes, non-finite values, an invalid prior, or the wrong
+            image shape. Nothing else.
     """
+    _check_spec_bounds(spec)
     try:
         model = ModelSpec.from_dict(spec)
     except AlignFLError as exc:
         raise MessageError(f"invalid decoder spec: {exc}") from None
+    except Exception as exc:  # a type ModelSpec's checks did not foresee
+        raise MessageError(f"invalid decoder spec ({type(exc).__name__})") from None
     if tuple(model.image_shape) != tuple(image_shape):
         raise MessageError(f"decoder image shape {model.image_shape} != server's {image_shape}")
-    expected = decoder_state_shapes(model)
+    try:
+        expected = decoder_state_shapes(model)
+    except Exception as exc:
+        raise MessageError(f"decoder spec cannot be built ({type(exc).__name__})") from None
+    n_params = sum(int(np.prod(s)) for s in expected.values())
+    if max_params is not None and n_params > max_params:
+        raise MessageError(f"decoder spec has {n_params} parameters, over the {max_params} "
+                           "that fit the message limit")
     missing, extra = set(expected) - set(state), set(state) - set(expected)
     if missing or extra:
         raise MessageError(f"decoder tensors do not match the {model.arch} spec "
@@ -100,10 +151,42 @@ def validate_update(*, spec: dict[str, Any], state: dict[str, np.ndarray],
         if tuple(arr.shape) != tuple(shape):
             raise MessageError(f"decoder tensor {name} has shape {tuple(arr.shape)}, "
                                f"spec says {tuple(shape)}")
-        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        if arr.dtype.kind != "f":
+            raise MessageError(f"decoder tensor {name} has dtype {arr.dtype}, not floating point")
+        if not np.isfinite(arr).all():
             raise MessageError(f"decoder tensor {name} has non-finite values")
     prior, _ = split_class_weights(model, prior)
-    return model, GaussianMixturePrior.from_arrays(prior, latent_dim=model.latent_dim)
+    gm = GaussianMixturePrior.from_arrays(prior, latent_dim=model.latent_dim)
+    if gm.n_components > MAX_PRIOR_COMPONENTS:
+        raise MessageError(f"prior has {gm.n_components} components, over "
+                           f"{MAX_PRIOR_COMPONENTS}")
+    return model, gm
+
+
+@torch.no_grad()
+def probe_decoder(entry: DecoderEntry, *, device: torch.device) -> None:
+    """Decode samples of the entry's own prior; refuse outputs no image can have.
+
+    A decoder whose weights are all finite can still output NaN or Inf (overflowing
+    layers), values outside ``[0, 1]``, or one constant image: storing it would poison
+    every later synthetic pool and the global model.
+
+    Raises:
+        MessageError: Non-finite, out-of-range or constant outputs.
+    """
+    gen = torch.Generator().manual_seed(PROBE_SEED)
+    x, _ = entry.sample(PROBE_SAMPLES, generator=gen, device=device)
+    x = x.float()
+    if not torch.isfinite(x).all():
+        raise MessageError(f"decoder outputs non-finite values on {PROBE_SAMPLES} samples of "
+                           "its own prior")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -1e-4 or hi > 1 + 1e-4:
+        raise MessageError(f"decoder outputs values in [{lo:.3g}, {hi:.3g}], outside the image "
+                           "range [0, 1]")
+    if float((x.amax(dim=0) - x.amin(dim=0)).max()) <= 1e-6:
+        raise MessageError(f"decoder outputs one constant image for {PROBE_SAMPLES} samples of "
+                           "its own prior")
 
 
 def average_states(states: list[dict[str, np.ndarray]], weights: list[float]
@@ -137,6 +220,7 @@ class ServerState:
         self.vae = build_vae(self.spec).to(device)
         self.optimizer = torch.optim.Adam(self.vae.parameters(), lr=cfg.server.lr)
         self.registry: dict[int, DecoderEntry] = {}
+        self.max_params = int(cfg.server.max_message_mb * 2**20) // 4
         self.pending: dict[int, tuple[dict[str, np.ndarray], float]] = {}
         self.last_classes = torch.empty(0, dtype=torch.long)
         self.classifier: Any = None  # digit classifier on the synthetic pool (optional)
@@ -152,16 +236,17 @@ class ServerState:
             MessageError: The update is invalid; the stored decoder is kept.
         """
         model, gm = validate_update(spec=spec, state=state, prior=prior,
-                                    image_shape=tuple(self.spec.image_shape))
+                                    image_shape=tuple(self.spec.image_shape),
+                                    max_params=self.max_params)
         decoder = build_decoder(model)
         decoder.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()},
                                 strict=True)
         decoder.to(self.device).eval()
         _, class_weights = split_class_weights(model, prior)
-        self.registry[client_id] = DecoderEntry(client_id=client_id, spec=model,
-                                                decoder=decoder, prior=gm, round=round_,
-                                                metrics=dict(metrics),
-                                                class_weights=class_weights)
+        entry = DecoderEntry(client_id=client_id, spec=model, decoder=decoder, prior=gm,
+                             round=round_, metrics=dict(metrics), class_weights=class_weights)
+        probe_decoder(entry, device=self.device)
+        self.registry[client_id] = entry
 
     def accept_full(self, client_id: int, *, spec: dict[str, Any], state: dict[str, np.ndarray],
                     round_: int, metrics: dict[str, float]) -> None:
@@ -243,27 +328,41 @@ class ServerState:
     def train_global(self, images: torch.Tensor, *, round_: int) -> dict[str, float]:
         """Train the persistent global VAE on the synthetic pool for ``server.epochs``."""
         s = self.cfg.server
+        n = len(images)
+        if not bool(torch.isfinite(images).all()):
+            log.error("round %d: the synthetic pool holds non-finite values; the global model "
+                      "is not trained this round", round_)
+            return {"n_synthetic": float(n), "pool_rejected": 1.0}
         rs = round_seed(self.cfg.seed, SERVER_ROLE, 2 * round_ + 2)
         torch.manual_seed(rs)
         gen = torch.Generator().manual_seed(rs)
         self.vae.train()
-        n = len(images)
         history = []
+        skipped = 0
         for _ in range(s.epochs):
             order = torch.randperm(n, generator=gen)
-            sums = np.zeros(3)
+            sums, seen = np.zeros(3), 0
             for start in range(0, n, s.batch_size):
                 x = images[order[start:start + s.batch_size]].to(self.device)
                 recon, mu, logvar = self.vae(x)
                 loss, rec, kl = vae_loss(recon, x, mu, logvar, kl_weight=s.kl_weight)
+                values = np.array([loss.item(), rec.item(), kl.item()])
+                if not np.isfinite(values[0]):
+                    skipped += 1  # never step the optimizer on a non-finite loss
+                    continue
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
-                sums += np.array([loss.item(), rec.item(), kl.item()]) * len(x)
-            history.append(sums / n)
+                sums += values * len(x)
+                seen += len(x)
+            history.append(sums / max(seen, 1) if seen else np.full(3, np.nan))
+        if skipped:
+            log.warning("round %d: %d global training steps skipped on a non-finite loss",
+                        round_, skipped)
         last = history[-1]
         return {"loss": float(last[0]), "recon": float(last[1]), "kl": float(last[2]),
-                "first_epoch_loss": float(history[0][0]), "n_synthetic": float(n)}
+                "first_epoch_loss": float(history[0][0]), "n_synthetic": float(n),
+                "skipped_steps": float(skipped)}
 
     # --- digit classifier on the labelled synthetic pool ---------------------------------
     def train_classifier(self, images: torch.Tensor, classes: torch.Tensor, *,

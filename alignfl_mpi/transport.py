@@ -272,10 +272,18 @@ class Transport:
             message = decode_message(buffer, max_bytes=self._max)
         except MessageError as exc:
             return Received(source, tag, None, nbytes, MessageError(f"{label}: {exc}"))
+        except Exception as exc:  # a validator gap: still only a rejected message
+            log.error("%s: decoder raised %s", label, type(exc).__name__, exc_info=True)
+            return Received(source, tag, None, nbytes,
+                            MessageError(f"{label}: undecodable ({type(exc).__name__})"))
         try:
             payload = parse_payload(tag, message)
         except MessageError as exc:
             return Received(source, tag, message, nbytes, MessageError(f"{label}: {exc}"))
+        except Exception as exc:
+            log.error("%s: payload check raised %s", label, type(exc).__name__, exc_info=True)
+            return Received(source, tag, message, nbytes,
+                            MessageError(f"{label}: invalid payload ({type(exc).__name__})"))
         return Received(source, tag, message, nbytes, None, payload)
 
     def _drain(self, handle: MPI.Message) -> None:

@@ -353,7 +353,9 @@ DATA16 = np.array([1.0, 2.0]).tobytes()
         ([entry(offset=-8)], DATA16, "invalid offset"),
         ([entry(nbytes=16.0)], DATA16, "invalid offset"),
         ([entry(offset=8)], DATA16, "extends beyond"),
-        ([entry(shape=[2**40], nbytes=2**43)], DATA16, "extends beyond"),
+        ([entry(shape=[2**30], nbytes=2**33)], DATA16, "extends beyond"),
+        ([entry(shape=[2**40], nbytes=2**43)], DATA16, "invalid shape"),
+        ([entry(shape=[0, 2**31 - 1, 2**31 - 1], nbytes=0)], DATA16, "empty but its other"),
         ([entry(), entry(name="v", offset=8)], DATA16 * 2, "overlaps the previous tensor"),
         ([entry(), entry(name="v", offset=24)], DATA16 * 2 + bytes(8), "at offset 24, expected 16"),
         ([entry(), entry(name="w", offset=16)], DATA16 * 2, "duplicate tensor name 'w'"),
@@ -429,12 +431,12 @@ def test_decoder_update_rejects_non_finite_prior() -> None:
     [
         ({"round": ...}, "meta keys"),
         ({"extra": 1}, "meta keys"),
-        ({"round": -1}, "'round' must be a non-negative integer"),
-        ({"round": True}, "'round' must be a non-negative integer"),
+        ({"round": -1}, "'round' must be an integer in 0\.\."),
+        ({"round": True}, "'round' must be an integer in 0\.\."),
         ({"client_id": "3"}, "'client_id' must be"),
         ({"spec": [1]}, "'spec' must be an object"),
-        ({"metrics": {"loss": "low"}}, "metric 'loss' must be a number"),
-        ({"metrics": {"ok": True}}, "metric 'ok' must be a number"),
+        ({"metrics": {"loss": "low"}}, "metric 'loss' must be a finite number"),
+        ({"metrics": {"ok": True}}, "metric 'ok' must be a finite number"),
     ],
 )
 def test_decoder_update_rejects_bad_meta(change: dict, reason: str) -> None:

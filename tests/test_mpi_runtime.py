@@ -93,7 +93,7 @@ model = {arch = "mlp", latent_dim = 3, hidden = [48, 24, 12]}
         pytest.fail(f"runtime with faults hung\n{exc.output}\n{exc.stderr}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     res = load(out / "results.h5")
-    assert res.finished and res.rounds == [0, 1, 2]
+    assert res.finished and res.rounds == [1, 2, 3]
     status = {c: list(res.clients[c]["status"]) for c in range(n)}
     # client 1 raised in round 1: an error with rank, host and traceback; others went on
     assert status[1] == ["ok", "error", "ok"], status
@@ -107,12 +107,12 @@ model = {arch = "mlp", latent_dim = 3, hidden = [48, 24, 12]}
     assert status[3][0] == "straggler", status
     decoders = res.final_decoders()
     assert set(decoders) == {0, 1, 2, 3}
-    assert "late" in status[3] or decoders[3]["round"] == 0
+    assert "late" in status[3] or decoders[3]["round"] == 1
     # mixed architectures and latent dims were rebuilt by the server
     assert decoders[0]["spec"]["arch"] == "conv" and decoders[0]["spec"]["latent_dim"] == 4
     assert decoders[1]["spec"]["latent_dim"] == 3 and decoders[2]["spec"]["latent_dim"] == 2
-    assert decoders[1]["round"] == 2  # its round-1 failure kept the round-0 decoder until round 2
-    assert res.server["n_synthetic"][0] == 2 * 32  # round 0: only clients 0 and 1 delivered
+    assert decoders[1]["round"] == 3  # its round-2 failure kept the round-1 decoder until round 3
+    assert res.server["n_synthetic"][0] == 2 * 32  # round 1: only clients 0 and 1 delivered
     assert "[rank 0]" in proc.stderr
 
 
@@ -150,14 +150,14 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert launch(3, "run", "--config", str(short)).returncode == 0
     proc = launch(3, "run", "--config", str(short), "--resume", "--rounds", "3")
     assert proc.returncode == 0, proc.stderr
-    assert "resuming after round 1" in proc.stderr
+    assert "resuming after round 2" in proc.stderr
     a, b = _final_global(tmp_path / "full" / "results.h5"), _final_global(
         tmp_path / "short" / "results.h5")
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     ra, rb = load(tmp_path / "full" / "results.h5"), load(tmp_path / "short" / "results.h5")
-    assert rb.rounds == [0, 1, 2]
+    assert rb.rounds == [1, 2, 3]
     np.testing.assert_array_equal(ra.eval["latent_accuracy"], rb.eval["latent_accuracy"])
     np.testing.assert_array_equal(ra.clients[1]["loss"], rb.clients[1]["loss"])
     # a new run into an existing results directory is refused, nothing is lost
