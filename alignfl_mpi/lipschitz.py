@@ -190,11 +190,11 @@ def make_latent_penalty(
 
     def penalty(vae: nn.Module) -> tuple[Tensor, float]:
         param = next(iter(vae.parameters()), None)
+        if cfg.weight == 0.0:
+            return torch.zeros((), device=None if param is None else param.device), 0.0
         z = prior.sample(n_points, generator=generator)
         if param is not None:
             z = z.to(device=param.device, dtype=param.dtype)
-        if cfg.weight == 0.0:
-            return z.new_zeros(()), 0.0
         return at(vae, z.requires_grad_(True))
 
     return penalty

@@ -317,3 +317,60 @@ def test_penalty_and_measurements_on_cuda(mode: str) -> None:
     report = lipschitz_report(vae.decoder, mu.detach())
     cpu = lipschitz_report(vae.decoder.cpu(), mu.detach().cpu())
     assert report == pytest.approx(cpu, rel=1e-4)
+
+
+# ------------------------------------------------------------- penalty at public points
+
+
+def test_latent_penalty_is_exact_at_prior_points_and_reads_no_data() -> None:
+    from alignfl_mpi.lipschitz import make_latent_penalty
+    from alignfl_mpi.prior import GaussianMixturePrior, standard_normal_prior
+
+    weight = isometry_weight("sum")
+    for mode in GRAD_NORM_MODES:  # a linear map: the same norm at every point
+        pen = make_latent_penalty(LipschitzConfig(weight=2.0), prior=standard_normal_prior(2),
+                                  n_points=8, generator=torch.Generator().manual_seed(0),
+                                  grad_norm_mode=mode)
+        assert pen(LinearVAE(3.0 * isometry_weight(mode)))[1] == pytest.approx(8.0, rel=1e-4)
+    # the points are draws of the given prior, from the given generator, n_points per call
+    prior = GaussianMixturePrior(weights=[1.0], means=[[5.0, -5.0]], log_vars=[[-20.0, -20.0]])
+    seen = []
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        seen.append(z.detach().clone())
+        return LinearVAE(weight).decode(z)
+
+    vae = LinearVAE(weight)
+    vae.decode = decode
+    g = torch.Generator().manual_seed(3)
+    pen = make_latent_penalty(LipschitzConfig(weight=1.0), prior=prior, n_points=5, generator=g)
+    pen(vae)
+    assert seen[0].shape == (5, 2)
+    torch.testing.assert_close(seen[0], torch.tensor([[5.0, -5.0]]).expand(5, 2), atol=1e-3,
+                               rtol=0)
+    first = g.get_state()
+    pen(vae)  # a fresh draw every call
+    assert not torch.equal(first, g.get_state())
+    # weight 0: nothing drawn, zero penalty
+    g0 = torch.Generator().manual_seed(0)
+    state = g0.get_state()
+    zero = make_latent_penalty(LipschitzConfig(weight=0.0), prior=prior, n_points=5,
+                               generator=g0)
+    assert zero(vae)[1] == 0.0 and torch.equal(g0.get_state(), state)
+    with pytest.raises(ValueError, match="n_points"):
+        make_latent_penalty(LipschitzConfig(weight=1.0), prior=prior, n_points=0, generator=g)
+
+
+def test_latent_penalty_trains_only_the_decoder() -> None:
+    from alignfl_mpi.lipschitz import make_latent_penalty
+    from alignfl_mpi.prior import standard_normal_prior
+
+    torch.manual_seed(2)
+    vae = build_vae(ModelSpec(arch="mlp", latent_dim=2, hidden=SMALL["mlp"]))
+    pen = make_latent_penalty(LipschitzConfig(weight=1.0), prior=standard_normal_prior(2),
+                              n_points=16, generator=torch.Generator().manual_seed(0))
+    tensor, value = pen(vae)
+    assert value > 0
+    tensor.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in vae.decoder.parameters())
+    assert all(p.grad is None for p in vae.encoder.parameters())

@@ -1,0 +1,134 @@
+"""Every strategy x privacy mode x clipping x penalty x conditional x prior combination.
+
+Each one is either refused at config load with one line, or honoured: a tiny local round
+(no MPI) runs the settings, and a DP round reports its epsilon and whether it is covered.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import alignfl_mpi.client as client_mod
+import alignfl_mpi.lipschitz as lipschitz_mod
+from alignfl_mpi.client import new_local_state, run_averaging_round, run_local_round
+from alignfl_mpi.config import load_config
+from alignfl_mpi.errors import ConfigError
+from alignfl_mpi.models import build_vae
+from alignfl_mpi.privacy import LOCAL_ONLY_METRICS
+
+STRATEGIES = ("align-fl", "fedavg", "fedprox")
+MODES = ("none", "decoder", "full")
+CLIPPINGS = ("adaptive", "median", "flat")
+PENALTIES = (0.0, 0.5)
+CONDITIONAL = (False, True)
+PRIORS = ("dp", "standard")
+EPSILON = 8.0
+COMBINATIONS = list(itertools.product(STRATEGIES, MODES, CLIPPINGS, PENALTIES, CONDITIONAL,
+                                      PRIORS))
+
+
+def overrides(strategy, mode, clipping, penalty, conditional, prior) -> list[str]:
+    cond = str(conditional).lower()
+    return [f'strategy="{strategy}"', "fedprox_mu=0.01", "n_clients=2",
+            f'client.privacy.mode="{mode}"', f'client.privacy.clipping="{clipping}"',
+            f'client.privacy.prior="{prior}"', f"client.privacy.epsilon={EPSILON}",
+            f"client.lipschitz.weight={penalty}", f"client.model.conditional={cond}",
+            f"server.model.conditional={cond}", "client.model.hidden=[16, 8]",
+            "server.model.hidden=[16, 8]", 'client.device="cpu"', "client.local_epochs=1",
+            "client.batch_size=16", "client.prior_components=2"]
+
+
+def must_refuse(strategy, mode, clipping, penalty, conditional, prior) -> bool:
+    """The policy, stated independently of the code that enforces it."""
+    baseline = strategy != "align-fl"
+    return bool(
+        (conditional and (baseline or mode != "none" or penalty > 0))  # labels not private
+        or (baseline and mode == "decoder")  # the encoder is shared
+        or (baseline and mode == "full" and prior == "dp"))  # N(0, I) is shared
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(32, 1, 28, 28, generator=g), torch.randint(0, 10, (32,), generator=g)
+
+
+class Spy:
+    """Counts the calls of the penalties a factory returns."""
+
+    def __init__(self, factory):
+        self.factory, self.calls = factory, 0
+
+    def __call__(self, *args, **kwargs):
+        inner = self.factory(*args, **kwargs)
+
+        def counted(*a, **k):
+            self.calls += 1
+            return inner(*a, **k)
+        return counted
+
+
+def test_matrix_has_every_combination() -> None:
+    assert len(COMBINATIONS) == 3 * 3 * 3 * 2 * 2 * 2
+
+
+@pytest.mark.parametrize("combo", COMBINATIONS, ids=lambda c: "-".join(map(str, c)))
+def test_combination_is_honoured_or_refused_in_one_line(combo, data, monkeypatch) -> None:
+    strategy, mode, clipping, penalty, conditional, prior = combo
+    try:
+        cfg = load_config(None, overrides=overrides(*combo))
+    except ConfigError as exc:
+        assert must_refuse(*combo), f"refused but should run: {exc}"
+        message = str(exc)
+        assert "\n" not in message and len(message) < 300
+        assert any(key in message for key in ("conditional", "privacy.mode", "privacy.prior"))
+        return
+    assert not must_refuse(*combo), "accepted but must be refused"
+
+    spies = {name: Spy(getattr(lipschitz_mod, name))
+             for name in ("make_penalty", "make_latent_penalty")}
+    for name, spy in spies.items():
+        monkeypatch.setattr(lipschitz_mod, name, spy)
+    proximal = Spy(client_mod.proximal_penalty)
+    monkeypatch.setattr(client_mod, "proximal_penalty", proximal)
+
+    images, labels = data
+    ccfg = cfg.client_config(0)
+    state = new_local_state(0, ccfg, seed=0, device=torch.device("cpu"))
+    state.extra["total_rounds"] = 1
+    if strategy == "align-fl":
+        update = run_local_round(state, images, round_=0, seed=0, labels=labels)
+        assert set(update.state) == set(state.vae.decoder.state_dict())
+    else:
+        torch.manual_seed(1)
+        global_state = {k: v.numpy() for k, v in build_vae(
+            client_mod.model_spec(cfg.server.model)).state_dict().items()}
+        update = run_averaging_round(state, images, global_state, round_=0, seed=0,
+                                     mu=cfg.fedprox_mu if strategy == "fedprox" else 0.0)
+        assert set(update.state) == set(state.vae.state_dict())
+        assert (proximal.calls > 0) == (strategy == "fedprox")  # once per step
+    metrics = update.metrics
+    assert all(math.isfinite(v) for v in metrics.values())
+
+    used = spies["make_latent_penalty" if mode != "none" else "make_penalty"].calls
+    assert (used > 0) == (penalty > 0)
+    assert spies["make_penalty" if mode != "none" else "make_latent_penalty"].calls == 0
+
+    if mode == "none":
+        assert "epsilon" not in metrics and "loss" in metrics and "train_s" in metrics
+        return
+    assert not set(LOCAL_ONLY_METRICS) & set(metrics)  # losses and wall time stay local
+    covered = mode == "full" and clipping != "median"
+    assert metrics["dp_accounted"] == (1.0 if covered else 0.0)
+    # one planned round: the whole target is spent, not more; the cross-check is finite
+    assert EPSILON * 0.99 <= metrics["epsilon"] <= EPSILON
+    assert 0 < metrics["epsilon_prv"] <= metrics["epsilon"] * 1.01
+    assert metrics["epsilon_prior"] > 0 if prior == "dp" else metrics["epsilon_prior"] == 0
+    assert metrics["dp_steps"] == 2  # ceil(32 / 16) steps of one epoch
+    if prior == "standard":
+        np.testing.assert_array_equal(update.prior["means"], np.zeros((1, 2), np.float32))
