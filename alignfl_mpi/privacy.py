@@ -1265,14 +1265,14 @@ def _report(ledger: PrivacyLedger, plan: PrivacyPlan, *, rule: ClipRule,
     sgd, prior = ledger.parts(plan, plan.accountant)
     other = "prv" if plan.accountant == "rdp" else "rdp"
     try:
-        cross = ledger.spent(plan, other)
+        cross = {f"epsilon_{other}": ledger.spent(plan, other)}
     except (ValueError, RuntimeError, ArithmeticError) as exc:  # a cross-check only
         log.warning("%s cross-check accountant failed: %s", other, exc)
-        cross = float("nan")
+        cross = {}  # not sent: an update's metrics must be finite
     return {
         "epsilon": ledger.spent(plan, plan.accountant), "epsilon_sgd": sgd,
-        "epsilon_prior": prior,
-        f"epsilon_{other}": cross, "epsilon_target": plan.epsilon, "delta": plan.delta,
+        "epsilon_prior": prior, **{k: v for k, v in cross.items() if math.isfinite(v)},
+        "epsilon_target": plan.epsilon, "delta": plan.delta,
         "noise_multiplier": plan.noise_multiplier,
         "grad_noise_multiplier": trainer.grad_noise_multiplier,
         "prior_noise_multiplier": plan.prior_noise_multiplier,

@@ -1,0 +1,147 @@
+"""DP-FedAvg and DP-FedProx: the averaging round through the DP-SGD trainer and accountant."""
+
+from __future__ import annotations
+
+import io
+import math
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from alignfl_mpi.client import new_local_state, run_averaging_round
+from alignfl_mpi.config import ClientConfig, LipschitzConfig, ModelConfig, PrivacyConfig
+from alignfl_mpi.models import ModelSpec, build_vae
+from alignfl_mpi.privacy import LOCAL_ONLY_METRICS, PrivacyLedger
+from mpi_helpers import find_mpiexec
+
+CPU = torch.device("cpu")
+HIDDEN = (16, 8)
+
+
+def dp_cfg(**privacy) -> ClientConfig:
+    return ClientConfig(model=ModelConfig(hidden=HIDDEN), device="cpu", local_epochs=1,
+                        batch_size=16, prior_components=2,
+                        privacy=PrivacyConfig(**{"mode": "full", "prior": "standard",
+                                                 "epsilon": 4.0, **privacy}))
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.rand(48, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+
+
+def global_arrays(seed: int = 1) -> dict[str, np.ndarray]:
+    torch.manual_seed(seed)
+    vae = build_vae(ModelSpec(arch="mlp", hidden=HIDDEN))
+    return {k: v.numpy().copy() for k, v in vae.state_dict().items()}
+
+
+def fresh_state(cfg: ClientConfig, rounds: int = 2):
+    state = new_local_state(0, cfg, seed=0, device=CPU)
+    state.extra["total_rounds"] = rounds
+    return state
+
+
+@pytest.mark.parametrize("mu", [0.0, 0.05])
+def test_dp_averaging_round_privatises_the_whole_vae_and_accounts(images, mu) -> None:
+    cfg = dp_cfg()
+    state = fresh_state(cfg)
+    glob = global_arrays()
+    update = run_averaging_round(state, images, glob, round_=0, seed=0, mu=mu)
+    m = update.metrics
+    assert not set(LOCAL_ONLY_METRICS) & set(m)  # exact losses and wall time stay local
+    assert m["dp_accounted"] == 1.0 and m["dp_steps"] == 3 and m["epsilon_prior"] == 0.0
+    assert 0 < m["epsilon"] < 4.0  # half of the two planned rounds
+    assert set(update.state) == set(state.vae.state_dict())  # the whole VAE travels
+    assert all(np.isfinite(v).all() for v in update.state.values())
+    # every parameter, encoder included, moved: all of them went through DP-SGD
+    for name, value in update.state.items():
+        assert not np.array_equal(value, glob[name]), name
+    update2 = run_averaging_round(state, images, glob, round_=1, seed=0, mu=mu)
+    assert update2.metrics["epsilon"] == pytest.approx(4.0, rel=0.01)
+    assert update2.metrics["epsilon"] <= 4.0
+    assert update2.metrics["dp_steps"] == 6
+
+
+def test_dp_fedprox_proximal_term_is_added_after_the_noise(images) -> None:
+    """Same secret, same global model: FedProx's update differs from FedAvg's only by the
+    proximal gradient (zero at the first step), and epsilon is identical."""
+    results = []
+    for mu in (0.0, 5.0):
+        state = fresh_state(dp_cfg(clipping="flat"))
+        state.extra["privacy"] = {"secret": 7}
+        results.append(run_averaging_round(state, images, global_arrays(), round_=0, seed=0,
+                                           mu=mu))
+    (avg, prox) = results
+    for key in ("epsilon", "epsilon_prv", "noise_multiplier", "clip_bound", "dp_steps"):
+        assert avg.metrics[key] == prox.metrics[key], key
+    assert any(not np.array_equal(avg.state[k], prox.state[k]) for k in avg.state)
+
+
+def test_dp_averaging_resume_repeats_the_round_exactly(images) -> None:
+    cfg = dp_cfg(clipping="adaptive")
+    state = fresh_state(cfg, rounds=2)
+    glob = global_arrays()
+    run_averaging_round(state, images, glob, round_=0, seed=0)
+    buffer = io.BytesIO()
+    torch.save(state.state_dict(), buffer)
+    again = run_averaging_round(state, images, glob, round_=1, seed=0)
+    buffer.seek(0)
+    resumed = fresh_state(cfg, rounds=2)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    replay = run_averaging_round(resumed, images, glob, round_=1, seed=0)
+    assert replay.metrics == again.metrics
+    for key, value in again.state.items():
+        np.testing.assert_array_equal(replay.state[key], value)
+    ledger = PrivacyLedger.from_extra(resumed.extra)
+    assert ledger.sgd_history[0][2] == 6 and ledger.prior_history == []
+
+
+def test_dp_averaging_with_lipschitz_penalty(images) -> None:
+    cfg = ClientConfig(**{**dp_cfg().__dict__, "lipschitz": LipschitzConfig(weight=1.0)})
+    update = run_averaging_round(fresh_state(cfg), images, global_arrays(), round_=0, seed=0)
+    assert "penalty" not in update.metrics and update.metrics["dp_accounted"] == 1.0
+    assert math.isfinite(update.metrics["epsilon"])
+
+
+# --------------------------------------------------------------------------- under mpiexec
+
+
+@pytest.mark.skipif(find_mpiexec() is None, reason="no mpiexec available")
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox"])
+def test_dp_baseline_records_epsilon_under_mpiexec(tmp_path, strategy) -> None:
+    from test_mpi_runtime import launch, tiny_partition, write_config
+
+    from alignfl_mpi.results import load
+
+    part = tiny_partition(tmp_path / "p.h5", n_clients=2)
+    cfg = write_config(tmp_path / "c.toml", part, tmp_path / "run", n_clients=2, rounds=2)
+    sets = [f'strategy="{strategy}"', 'client.privacy.mode="full"',
+            'client.privacy.prior="standard"', "client.privacy.epsilon=3.0"]
+    try:
+        proc = launch(3, "run", "--config", str(cfg), *[a for s in sets for a in ("--set", s)],
+                      timeout=240)
+    except subprocess.TimeoutExpired as exc:  # launch() already fails on a hang
+        pytest.fail(str(exc))
+    assert proc.returncode == 0, proc.stderr
+    res = load(tmp_path / "run" / "results.h5")
+    assert res.finished and list(res.server["n_averaged"]) == [2.0, 2.0]
+    for c in (0, 1):
+        eps = res.clients[c]["epsilon"]
+        assert len(eps) == 2 and 0 < eps[0] < eps[1] <= 3.0
+        assert eps[1] == pytest.approx(3.0, rel=0.01)
+        assert (res.clients[c]["dp_accounted"] == 1.0).all()
+        assert not {"loss", "recon", "kl", "train_s"} & set(res.clients[c])
+    spent = res.epsilon_spent()
+    assert spent.dp and spent.accounted and spent.value == pytest.approx(3.0, rel=0.01)
+
+
+def test_dp_baseline_with_dp_prior_is_refused_in_one_line(tmp_path) -> None:
+    from alignfl_mpi.config import load_config
+    from alignfl_mpi.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="privacy.prior") as info:
+        load_config(None, overrides=['strategy="fedavg"', 'client.privacy.mode="full"'])
+    assert "\n" not in str(info.value)
