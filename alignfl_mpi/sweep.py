@@ -7,6 +7,11 @@ Every setting runs as its own MPI job (``LAUNCHER -n NP alignfl-mpi run ...``) i
 ``OUT/<dataset>_eps<e>_lip<l>/results.h5``, so each results file is named after its
 settings. A finished setting is skipped and an unfinished one is resumed, so a sweep
 that was interrupted continues where it stopped. ``epsilon = inf`` means no DP.
+
+Every (epsilon, lambda_lip) pair runs: under DP the Lipschitz penalty is evaluated at public
+latent points and leaves epsilon unchanged. With ``strategy = "fedavg"`` or ``"fedprox"``
+the DP settings are DP-FedAvg / DP-FedProx (``privacy.mode = "full"``, the N(0, I) prior
+those strategies share, so ``privacy.prior = "standard"``).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 
 from .config import load_config
 from .errors import ConfigError
+from .privacy import AVERAGING_STRATEGIES
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +49,19 @@ class Setting:
         eps = "inf" if math.isinf(self.epsilon) else f"{self.epsilon:g}"
         return f"{dataset}_eps{eps}_lip{self.lip:g}"
 
-    def overrides(self, dp_mode: str) -> list[str]:
-        """The ``--set`` flags of this setting."""
+    def overrides(self, dp_mode: str, *, strategy: str = "align-fl") -> list[str]:
+        """The ``--set`` flags of this setting.
+
+        >>> Setting(2.0, 0.1).overrides("full", strategy="fedavg")[1:]
+        ['client.privacy.mode="full"', 'client.privacy.epsilon=2.0', 'client.privacy.prior="standard"']
+        """
         out = [f"client.lipschitz.weight={self.lip!r}"]
         if math.isinf(self.epsilon):
             out.append('client.privacy.mode="none"')
         else:
             out += [f'client.privacy.mode="{dp_mode}"', f"client.privacy.epsilon={self.epsilon!r}"]
+            if strategy in AVERAGING_STRATEGIES:  # they share N(0, I): nothing to privatise
+                out.append('client.privacy.prior="standard"')
         return out
 
 
@@ -99,7 +111,10 @@ def run_sweep(*, config: str | None, epsilons: list[float], lips: list[float], n
     """
     base = load_config(config, overrides=extra or [])
     mode = dp_mode or (base.client.privacy.mode if base.client.privacy.mode != "none" else "full")
+    if dp_mode is None and base.strategy in AVERAGING_STRATEGIES:
+        mode = "full"  # the whole VAE is shared: only mode "full" is private
     settings = grid(epsilons, lips)
+    strategy = base.strategy
     exe = shutil.which("alignfl-mpi") or str(Path(sys.executable).parent / "alignfl-mpi")
     launch = shlex.split(launcher)
     if not dry_run and shutil.which(launch[0]) is None and not Path(launch[0]).exists():
@@ -108,7 +123,8 @@ def run_sweep(*, config: str | None, epsilons: list[float], lips: list[float], n
     runnable, refused = [], {}
     for s in settings:
         try:
-            load_config(config, overrides=[*(extra or []), *s.overrides(mode)])
+            load_config(config,
+                        overrides=[*(extra or []), *s.overrides(mode, strategy=strategy)])
             runnable.append(s)
         except ConfigError as exc:
             refused.setdefault(str(exc), []).append(s.name(base.data.dataset))
@@ -126,7 +142,7 @@ def run_sweep(*, config: str | None, epsilons: list[float], lips: list[float], n
         cmd = [*launch, "-n", str(np_), exe, "run", "--output", str(run_dir)]
         if config:
             cmd += ["--config", config]
-        for flag in [*(extra or []), *s.overrides(mode)]:
+        for flag in [*(extra or []), *s.overrides(mode, strategy=strategy)]:
             cmd += ["--set", flag]
         if state in ("partial", "unreadable"):
             cmd.append("--resume")

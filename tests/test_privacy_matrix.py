@@ -132,3 +132,18 @@ def test_combination_is_honoured_or_refused_in_one_line(combo, data, monkeypatch
     assert metrics["dp_steps"] == 2  # ceil(32 / 16) steps of one epoch
     if prior == "standard":
         np.testing.assert_array_equal(update.prior["means"], np.zeros((1, 2), np.float32))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_sweep_covers_the_whole_epsilon_lambda_grid(tmp_path, strategy, caplog) -> None:
+    from alignfl_mpi.sweep import run_sweep
+
+    base = tmp_path / "base.toml"
+    base.write_text(f'strategy = "{strategy}"\n')
+    with caplog.at_level("INFO", logger="alignfl_mpi.sweep"):
+        written = run_sweep(config=str(base), epsilons=[1.0, 2.0, 10.0, math.inf],
+                            lips=[0.0, 0.1, 1.0], np_=3, out=tmp_path / "out", dry_run=True)
+    assert len(written) == 12 and "skipped" not in caplog.text
+    assert 'client.privacy.mode=\\"full\\"' in caplog.text or 'client.privacy.mode="full"' \
+        in caplog.text
+    assert ("privacy.prior" in caplog.text) == (strategy != "align-fl")
