@@ -364,11 +364,13 @@ def _write_csv(rows: list[dict[str, Any]], path: Path, columns: list[str]) -> Pa
     return path
 
 
-def _num(v: Any) -> str:
-    """A number for the report's tables (4 significant digits; — when missing).
+def _num(v: Any, digits: int = 4) -> str:
+    """A number for the report's tables (``digits`` significant digits; — when missing).
 
     >>> _num(0.54213), _num(497.26), _num(None), _num(math.inf), _num(12), _num(45678.9)
     ('0.5421', '497.3', '—', '∞', '12', '45679')
+    >>> _num(0.0056568, 2)
+    '0.0057'
     """
     v = _value(v)
     if v is None:
@@ -378,7 +380,7 @@ def _num(v: Any) -> str:
     if isinstance(v, float):
         if math.isinf(v):
             return "∞" if v > 0 else "-∞"
-        return f"{v:.0f}" if abs(v) >= 1e4 else f"{v:.4g}"
+        return f"{v:.0f}" if abs(v) >= 10 ** digits else f"{v:.{digits}g}"
     return str(v)
 
 
@@ -1071,11 +1073,11 @@ def _comparison_section(doc: _Doc, rows: list[dict[str, Any]], *, baseline: str)
         cells = [row["group"] + (" (baseline)" if i == 0 else ""), row["seeds"]]
         for m, _, _ in COMPARED:
             mean, sd = row[f"{m}.mean"], row[f"{m}.sd"]
-            text = _num(mean) + (f" ± {_num(sd)}" if sd is not None else "")
+            text = _num(mean) + (f" ± {_num(sd, 2)}" if sd is not None else "")
             if i > 0 and row[f"{m}.delta"] is not None:
                 se = row[f"{m}.delta_se"]
-                text += f" ({_signed(row[f'{m}.delta'])}" + (f" ± {_num(se)}" if se is not None
-                                                               else "") + ")"
+                text += f" ({_signed(row[f'{m}.delta'])}" + (f" ± {_num(se, 2)}"
+                                                               if se is not None else "") + ")"
             cells.append(text)
         table.append(cells)
     doc.table(columns, table)

@@ -284,14 +284,14 @@ class EpsilonSpent:
     def label(self) -> str:
         """Text for tables: ``∞ (no DP)``, ``not accounted``, ``—`` or the value.
 
-        >>> EpsilonSpent(9.9781, True, True).label, EpsilonSpent(3.0, False, True).label
-        ('9.98', 'not accounted')
+        >>> EpsilonSpent(9.97812, True, True).label, EpsilonSpent(3.0, False, True).label
+        ('9.978', 'not accounted')
         """
         if not self.dp:
             return "∞ (no DP)"
         if not self.accounted:
             return "not accounted"
-        return "—" if self.value is None else f"{self.value:.3g}"
+        return "—" if self.value is None else f"{self.value:.4g}"
 
 
 @dataclass

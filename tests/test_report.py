@@ -335,8 +335,8 @@ def test_comparison_with_a_baseline_groups_seeds(tmp_path):
         pytest.approx(-0.005)
     assert base["latent_accuracy.delta"] == "0.0"
     md = section((out / "report.md").read_text(), "Comparison with a-s0")
-    assert "| a-s0, a-s1 (baseline) | 0, 1 | 0.605 ± 0.007071 |" in md
-    assert "| b-s0, b-s1 | 0, 1 | 0.715 ± 0.02121 (+0.11 ± 0.01581) |" in md
+    assert "| a-s0, a-s1 (baseline) | 0, 1 | 0.605 ± 0.0071 |" in md
+    assert "| b-s0, b-s1 | 0, 1 | 0.715 ± 0.021 (+0.11 ± 0.016) |" in md
     assert "| c | 0 | 0.6 (−0.005 ± 0.005) |" in md
 
 
