@@ -105,7 +105,7 @@ def _write_rounds(path, started, stop, n_max):
                       server={"loss": 1.0}, evaluation={"latent_accuracy": r / n_max},
                       timings={"round": 0.01})
         w.update_timings(r, {"round": 0.02, "io": 0.01})
-        if stop.wait(0.05):  # a round takes a while
+        if stop.wait(0.1):  # a round takes a while; the run goes on until told to stop
             break
     w.set_attrs({"status": "finished"})
 
@@ -114,7 +114,7 @@ def test_show_and_report_while_a_run_writes(tmp_path):
     path = tmp_path / "live" / "results.h5"
     ctx = multiprocessing.get_context("spawn")
     started, stop = ctx.Event(), ctx.Event()
-    writer = ctx.Process(target=_write_rounds, args=(path, started, stop, 400))
+    writer = ctx.Process(target=_write_rounds, args=(path, started, stop, 5000))
     writer.start()
     try:
         assert started.wait(60)
