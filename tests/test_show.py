@@ -8,7 +8,6 @@ import multiprocessing
 import re
 import time
 
-import pytest
 from test_report import read_csv, tiny_partition, write_run
 
 from alignfl_mpi import cli, show
