@@ -195,12 +195,15 @@ def encode_message(msg: Message) -> bytearray:
         raise MessageError(f"message meta must be a dict, got {type(msg.meta).__name__}")
     _check_json_safe(msg.meta, "meta")
     entries, blocks, data_bytes = _layout_tensors(msg.tensors)
-    header = json.dumps(
-        {"kind": msg.kind, "meta": msg.meta, "tensors": entries},
-        allow_nan=False,
-        ensure_ascii=False,
-        separators=(",", ":"),
-    ).encode("utf-8")
+    try:
+        header = json.dumps(
+            {"kind": msg.kind, "meta": msg.meta, "tensors": entries},
+            allow_nan=False,
+            ensure_ascii=False,
+            separators=(",", ":"),
+        ).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise MessageError(f"message text is not valid UTF-8 ({exc.reason})") from None
     header += b" " * (-(PREAMBLE_BYTES + len(header)) % ALIGNMENT)
     data_start = PREAMBLE_BYTES + len(header)
     out = bytearray(data_start + data_bytes)

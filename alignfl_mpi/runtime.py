@@ -158,6 +158,10 @@ def prepare_run_dir(cfg: RunConfig) -> None:
         folders.append(ckpt_dir)
     if cfg.output.png:
         folders.append(png_dir)
+    for parent in results.parent.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"output path {results.parent} is under the file {parent}; "
+                              "choose another --output")
     for folder in folders:
         if folder.exists() and not folder.is_dir():
             raise ConfigError(f"output path {folder} exists but is not a folder; remove it or "
