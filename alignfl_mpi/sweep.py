@@ -52,8 +52,8 @@ class Setting:
     def overrides(self, dp_mode: str, *, strategy: str = "align-fl") -> list[str]:
         """The ``--set`` flags of this setting.
 
-        >>> Setting(2.0, 0.1).overrides("full", strategy="fedavg")[1:]
-        ['client.privacy.mode="full"', 'client.privacy.epsilon=2.0', 'client.privacy.prior="standard"']
+        >>> Setting(2.0, 0.1).overrides("full", strategy="fedavg")[2:]
+        ['client.privacy.epsilon=2.0', 'client.privacy.prior="standard"']
         """
         out = [f"client.lipschitz.weight={self.lip!r}"]
         if math.isinf(self.epsilon):

@@ -116,8 +116,9 @@ def dp_epoch_fn(data: torch.Tensor, batch_size: int, mode: str, clipping: str,
     opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
     penalty = None
     if lip > 0:
-        penalty = make_latent_penalty(LipschitzConfig(weight=lip), prior=standard_normal_prior(2),
-                                      n_points=batch_size, generator=torch.Generator().manual_seed(4))
+        penalty = make_latent_penalty(LipschitzConfig(weight=lip),
+                                      prior=standard_normal_prior(2), n_points=batch_size,
+                                      generator=torch.Generator().manual_seed(4))
     trainer = PrivateTrainer(vae, opt, mode=mode, plan=plan, rule=make_clip_rule(cfg),
                              kl_weight=1.0, device=device, seed=2, regulariser=penalty)
     info = (f"sigma={plan.noise_multiplier:.4f} (grad noise {trainer.grad_noise_multiplier:.4f}),"
