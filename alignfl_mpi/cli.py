@@ -241,15 +241,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+LAUNCHER_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+"""Environment variables in which MPI launchers (MPICH/Hydra, Open MPI, PMIx, srun) pass
+a process its rank, so it is known before MPI is initialised."""
+
+
+def launcher_rank() -> int:
+    """This process's rank as its launcher set it, or 0 when not launched as a rank.
+
+    >>> import os
+    >>> os.environ["PMI_RANK"] = "3"; launcher_rank()
+    3
+    >>> del os.environ["PMI_RANK"]
+    """
+    import os
+
+    for var in LAUNCHER_RANK_VARS:
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse the arguments; under mpiexec only rank 0 prints usage, help and errors.
+
+    The other ranks exit with the same status, silently.
+    """
+    import contextlib
+    import io
+
+    parser = build_parser()
+    if launcher_rank() == 0:
+        return parser.parse_args(argv)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return parser.parse_args(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, dispatch, and turn user errors into one line and exit 2."""
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return int(args.func(args) or 0)
     except AlignFLError as exc:
-        print(f"alignfl-mpi: error: {exc}", file=sys.stderr)
+        if launcher_rank() == 0:  # under mpiexec, printed once
+            print(f"alignfl-mpi: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("alignfl-mpi: interrupted", file=sys.stderr)

@@ -217,12 +217,15 @@ class OutputConfig:
         save_synthetic: Store each round's synthetic dataset (gzip) in the results.
         png: Write PNG sample grids every round.
         checkpoint: Checkpoint every round (needed for ``--resume``).
+        progress_interval_s: Rank 0's live progress line: on a terminal it is redrawn in
+            place; otherwise (a SLURM output file) a plain line is logged this often.
     """
 
     dir: str = "runs/alignfl"
     save_synthetic: bool = False
     png: bool = True
     checkpoint: bool = True
+    progress_interval_s: float = 30.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -489,6 +492,7 @@ def validate(cfg: RunConfig) -> None:
     _positive("server.final_drain_s", s.final_drain_s, allow_zero=True)
     _positive("server.start_timeout_s", s.start_timeout_s)
     _positive("server.stop_timeout_s", s.stop_timeout_s)
+    _positive("output.progress_interval_s", cfg.output.progress_interval_s)
     _check_message_limit(cfg)
     _check_device("server.device", s.device)
     _check_model("server.model", s.model)

@@ -55,6 +55,7 @@ __all__ = [
     "Bye",
     "MAGIC",
     "PAYLOAD_TYPES",
+    "Progress",
     "Ready",
     "GlobalModel",
     "DecoderUpdate",
@@ -148,6 +149,8 @@ class Tag(IntEnum):
     """Server to client: the global model's weights (FedAvg/FedProx baselines only)."""
     BYE = 8
     """Client to server: STOP received; this rank sends nothing more and finalizes."""
+    PROGRESS = 9
+    """Client to server: how far its local round is (rate-limited, for the live status)."""
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -873,6 +876,33 @@ class Bye:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Progress:
+    """Client to server: ``done`` of ``total`` optimizer steps of round ``round`` are done."""
+
+    TAG: ClassVar[Tag] = Tag.PROGRESS
+    KIND: ClassVar[str] = "progress"
+
+    round: int
+    client_id: int
+    done: int
+    total: int
+
+    def to_message(self) -> Message:
+        """Return the wire message."""
+        return Message(kind=self.KIND, meta={"round": self.round, "client_id": self.client_id,
+                                             "done": self.done, "total": self.total})
+
+    @classmethod
+    def from_message(cls, msg: Message) -> Progress:
+        """Check and convert a received message; raises MessageError if it does not fit."""
+        meta = _check_meta(msg, cls.KIND, {"round": _COUNT, "client_id": _COUNT,
+                                           "done": _COUNT, "total": _COUNT})
+        if meta["done"] > meta["total"]:
+            raise MessageError(f"progress {meta['done']}/{meta['total']}: done exceeds total")
+        return cls(**meta)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Ready:
     """Client to server: set-up is done; where the client runs and on how much data.
 
@@ -937,7 +967,7 @@ class GlobalModel:
 
 
 Payload = (StartInstruction | TrainInstruction | DecoderUpdate | RemoteError | Stop | Ready
-           | GlobalModel | Bye)
+           | GlobalModel | Bye | Progress)
 """Any payload dataclass."""
 
 PAYLOAD_TYPES: dict[Tag, type] = {
@@ -949,6 +979,7 @@ PAYLOAD_TYPES: dict[Tag, type] = {
     Tag.READY: Ready,
     Tag.MODEL: GlobalModel,
     Tag.BYE: Bye,
+    Tag.PROGRESS: Progress,
 }
 """The payload class carried under each tag."""
 

@@ -45,8 +45,9 @@ from .client import (LocalState, SharedUpdate, images_to_tensor, new_local_state
 from .config import RunConfig, load_config, to_dict, to_json
 from .datasets import data_root as resolve_data_root
 from .errors import AlignFLError, ConfigError, MessageError
-from .messages import (Bye, DecoderUpdate, GlobalModel, Ready, RemoteError, StartInstruction,
-                       Stop, Tag, TrainInstruction)
+from .messages import (Bye, DecoderUpdate, GlobalModel, Progress, Ready, RemoteError,
+                       StartInstruction, Stop, Tag, TrainInstruction)
+from .progress import CLIENT_MIN_INTERVAL_S, ProgressDisplay, ProgressTable, StepReporter
 from .results import RESULTS_NAME, ResultsWriter
 from .runlock import RunLock
 from .schema import (CHECKPOINT_NAME, client_sizes, read_client, read_partition_info,
@@ -69,6 +70,13 @@ def setup_logging(rank: int, *, quiet: bool = False, verbose: bool = False) -> N
                                            if verbose else f"[rank {rank}] %(message)s"))
     root.addHandler(handler)
     root.setLevel(level)
+    # Python warnings go through logging, printed by rank 0 and the first client only:
+    # every client runs the same code, so the same warning would repeat once per rank
+    logging.captureWarnings(True)
+    if rank > 1 and not verbose:
+        import warnings
+
+        warnings.simplefilter("ignore")
 
 
 def set_threads(local_size: int) -> int:
@@ -209,7 +217,10 @@ def main_run(args: Any) -> int:
         return 2
     transport = Transport(comm, max_message_bytes=int(cfg.server.max_message_mb * 2**20))
     if rank == 0:
-        return Server(transport, cfg, resume=args.resume, local_rank=local_rank).run()
+        display = ProgressDisplay(enabled=not args.quiet, verbose=args.verbose,
+                                  interval_s=cfg.output.progress_interval_s)
+        return Server(transport, cfg, resume=args.resume, local_rank=local_rank,
+                      display=display).run()
     return ClientLoop(transport, cfg, resume=args.resume, local_rank=local_rank).run()
 
 
@@ -231,6 +242,7 @@ class ClientLoop:
         self.outliers: np.ndarray = np.zeros((0, 28, 28), np.uint8)
         self.global_state: dict[str, np.ndarray] | None = None  # FedAvg/FedProx only
         self.classifier: Any = None
+        self.pending: list[Any] = []  # PROGRESS sends in flight
         _, ckpt_dir, _ = run_paths(cfg)
         self.ckpt_dir = ckpt_dir / f"client_{self.client_id}"
 
@@ -262,6 +274,8 @@ class ClientLoop:
                 log.warning("bad message from the server ignored: %s", rcv.error)
                 continue
             if rcv.tag == Tag.STOP:
+                for pending in self.pending:
+                    pending.wait()
                 self.transport.send(0, Tag.BYE, Bye(client_id=self.client_id).to_message())
                 return 0
             if rcv.tag == Tag.MODEL:
@@ -313,7 +327,10 @@ class ClientLoop:
                 self._load_checkpoint(before_round=r)
                 self.state.extra["total_rounds"] = self.cfg.rounds  # --rounds may have changed
                 self.resume = False
-            update = self.local_train(r)
+            interval = min(CLIENT_MIN_INTERVAL_S, self.cfg.output.progress_interval_s / 2)
+            with StepReporter(total=self._expected_steps(), min_interval_s=interval,
+                              send=lambda done, total: self._send_progress(r, done, total)):
+                update = self.local_train(r)
             if self.classifier is not None:
                 from .assess import client_outlier_survival
 
@@ -330,6 +347,18 @@ class ClientLoop:
             log.error("client %d failed in round %d: %s", self.client_id, _round_no(r), exc)
             err = RemoteError.from_exception(exc, rank=self.rank, round=r)
             self.transport.send(0, Tag.ERROR, err.to_message())
+
+    def _expected_steps(self) -> int:
+        """Optimizer steps of one local round (expected, with Poisson batches under DP)."""
+        assert self.state is not None and self.data is not None
+        c = self.state.cfg
+        return c.local_epochs * max(1, -(-len(self.data) // c.batch_size))
+
+    def _send_progress(self, r: int, done: int, total: int) -> None:
+        """Start a PROGRESS send; never wait for it (its buffer lives in ``self.pending``)."""
+        self.pending = [p for p in self.pending if not p.test()]
+        msg = Progress(round=r, client_id=self.client_id, done=done, total=total).to_message()
+        self.pending.append(self.transport.isend(0, Tag.PROGRESS, msg))
 
     def local_train(self, round_: int) -> SharedUpdate:
         """One round of local training (tests replace this to inject faults)."""
@@ -377,12 +406,16 @@ class RoundRecord:
 class Server:
     """Rank 0: the stateful server. Owns all results, checkpoints, logs and PNGs."""
 
-    def __init__(self, transport: Any, cfg: RunConfig, *, resume: bool, local_rank: int) -> None:
+    def __init__(self, transport: Any, cfg: RunConfig, *, resume: bool, local_rank: int,
+                 display: ProgressDisplay | None = None) -> None:
         self.transport = transport
         self.cfg = cfg
         self.resume = resume
         self.local_rank = local_rank
         self.n = cfg.n_clients
+        self.display = display or ProgressDisplay(enabled=False, verbose=False, interval_s=1.0)
+        self.progress = ProgressTable(n_clients=self.n, epochs=[
+            cfg.client_config(k).local_epochs for k in range(self.n)])
         self.busy: dict[int, int] = {}  # client id -> round it is working on
         self.results_path, self.ckpt_dir, self.png_dir = run_paths(cfg)
         self.lock = RunLock(self.results_path.parent)
@@ -648,14 +681,32 @@ class Server:
         self._progress(r, record, server_metrics, evaluation, timings)
 
     def collect(self, r: int, record: RoundRecord, *, deadline: float | None) -> None:
-        """Receive updates until every client asked in round ``r`` answered or time is up."""
-        end = None if deadline is None else time.monotonic() + deadline
-        while any(v == r for v in self.busy.values()):
-            timeout = None if end is None else max(0.0, end - time.monotonic())
-            rcv = self.transport.recv(timeout=timeout)
-            if rcv is None:
-                return
-            self.handle(rcv, r, record)
+        """Receive updates until every client asked in round ``r`` answered or time is up.
+
+        Meanwhile the live progress line is refreshed from the clients' PROGRESS messages.
+        """
+        started = time.monotonic()
+        end = None if deadline is None else started + deadline
+        self.progress.reset()
+        try:
+            while any(v == r for v in self.busy.values()):
+                now = time.monotonic()
+                timeout = 0.5 if end is None else max(0.0, min(0.5, end - now))
+                rcv = self.transport.recv(timeout=timeout)
+                if rcv is not None:
+                    c = rcv.source - 1
+                    answering = self.busy.get(c) == r
+                    self.handle(rcv, r, record)
+                    if answering and c not in self.busy:
+                        self.display.client_done(c, time.monotonic() - started)
+                elif end is not None and time.monotonic() >= end:
+                    return
+                done = {c for c in range(self.n) if self.busy.get(c) != r}
+                self.display.show(self.progress.status(
+                    round_no=_round_no(r), rounds=self.cfg.rounds, done=done, started=started,
+                    now=time.monotonic()))
+        finally:
+            self.display.clear()
 
     def handle(self, rcv: Any, r: int, record: RoundRecord) -> None:
         """Take one message from a client: store its decoder, or count its failure.
@@ -671,6 +722,11 @@ class Server:
                         rcv.source)
             return
         record.comm_bytes += rcv.nbytes
+        if rcv.ok and rcv.tag == Tag.PROGRESS:  # informational: never an answer
+            prog: Progress = rcv.payload
+            if self.busy.get(c) == prog.round and prog.client_id == c:
+                self.progress.update(c, done=prog.done, total=prog.total, now=time.monotonic())
+            return
         if c not in self.busy:
             what = str(rcv.error) if not rcv.ok else f"unsolicited {Tag(rcv.tag).name} message"
             log.warning("round %d: rejected message from %s: %s", _round_no(r), who, what)

@@ -51,7 +51,7 @@ def test_cli_run_on_real_mnist(real_root, tmp_path):
     assert info.attrs["client_sizes"] == [90, 80, 80, 80, 80]
 
     res = load(out / "results.h5")
-    assert res.finished and res.rounds == [0, 1]
+    assert res.finished and res.rounds == [1, 2]
     assert res.config["rounds"] == 2 and res.config["server"]["epochs"] == 2  # --set stored
     assert res.config["data"]["scheme_params"] == {"per_class": 40}
     assert res.attrs["partition"] == str(part)
