@@ -645,6 +645,8 @@ class Server:
             log.warning("round %d: no decoder stored yet; the global model is not trained",
                         _round_no(r))
             server_metrics = {"n_synthetic": 0.0}
+        if self.state.last_evicted:
+            server_metrics["decoders_evicted"] = float(len(self.state.last_evicted))
         t_server = time.perf_counter() - t0
         self.state.rounds_done = r + 1
 

@@ -84,7 +84,7 @@ MAX_SPEC_LAYERS = 32
 MAX_PRIOR_COMPONENTS = 4096
 """Most mixture components a received prior may have."""
 
-PROBE_SAMPLES = 64
+PROBE_SAMPLES = 256
 """Samples drawn from a received decoder's own prior to probe its outputs."""
 
 PROBE_SEED = 20250717
@@ -223,6 +223,7 @@ class ServerState:
         self.max_params = int(cfg.server.max_message_mb * 2**20) // 4
         self.pending: dict[int, tuple[dict[str, np.ndarray], float]] = {}
         self.last_classes = torch.empty(0, dtype=torch.long)
+        self.last_evicted: list[int] = []  # decoders dropped by the last sample_synthetic
         self.classifier: Any = None  # digit classifier on the synthetic pool (optional)
         self.classifier_optimizer: Any = None
         self.rounds_done = 0
@@ -306,8 +307,18 @@ class ServerState:
         n = n_per_client or self.cfg.server.samples_per_client
         gen = torch.Generator().manual_seed(round_seed(self.cfg.seed, SERVER_ROLE, 2 * round_ + 1))
         images, labels, classes = [], [], []
+        self.last_evicted = []
         for cid in sorted(self.registry):
             x, y = self.registry[cid].sample(n, generator=gen, device=self.device)
+            if not bool(torch.isfinite(x).all()) or float(x.min()) < 0 or float(x.max()) > 1:
+                # the probe saw finite outputs, but this draw is not: never let it into the
+                # pool, and drop the decoder so that it cannot spoil later rounds either
+                log.error("round %d: client %d's decoder produced non-finite or out-of-range "
+                          "images; it is evicted until the client sends a new one",
+                          round_ + 1, cid)
+                del self.registry[cid]
+                self.last_evicted.append(cid)
+                continue
             images.append(x.reshape(n, *self.spec.image_shape))
             labels.append(torch.full((n,), cid, dtype=torch.long))
             classes.append(y)

@@ -157,5 +157,9 @@ def test_update_acceptance(server: ServerState, data) -> None:
     except MessageError:
         assert server.registry == before  # a refused update changes nothing
         return
-    x = server.sample_client(0, 16, seed=1)
-    assert torch.isfinite(x).all() and 0 <= float(x.min()) and float(x.max()) <= 1
+    # whatever was accepted, the synthetic pool stays finite and in range (a decoder that
+    # slipped through the probe is evicted at sampling time)
+    images, _ = server.sample_synthetic(round_=0, n_per_client=64)
+    assert torch.isfinite(images).all()
+    assert len(images) == 0 or (0 <= float(images.min()) and float(images.max()) <= 1)
+    assert 0 in server.registry or server.last_evicted == [0]

@@ -222,3 +222,20 @@ def test_run_lock_names_the_holder(tmp_path):
         RunLock(tmp_path).acquire()
     first.release()
     RunLock(tmp_path).acquire()
+
+
+def test_decoder_with_nonfinite_samples_is_evicted_from_the_pool():
+    server = ServerState(_cfg(), device=CPU)
+    spec, honest = _decoder_state()
+    prior = standard_normal_prior(2).to_arrays()
+    server.accept(0, spec=spec, state=honest, prior=prior, round_=0, metrics={})
+    server.accept(1, spec=spec, state=honest, prior=prior, round_=0, metrics={})
+    bad = {k: v.copy() for k, v in honest.items()}
+    names = [k for k in bad if k.endswith("weight")]
+    bad[names[0]][:] = 3e38
+    bad[names[1]][:] = 3e38
+    bad[names[1]].reshape(-1)[::2] = -3e38
+    server.registry[1] = _entry(bad)  # as if it had slipped through the probe
+    images, labels = server.sample_synthetic(round_=0, n_per_client=32)
+    assert torch.isfinite(images).all() and labels.unique().tolist() == [0]
+    assert server.last_evicted == [1] and sorted(server.registry) == [0]
