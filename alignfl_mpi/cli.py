@@ -182,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_partition)
 
     p = sub.add_parser("run", help="run ALIGN-FL under mpiexec (rank 0 = server)")
+    p.add_argument("--preset", default=None, metavar="NAME",
+                   help="shipped config to start from (default: paper, the reference code's "
+                        "settings; also paper-dim8, classic, dp-eps2); --config and --set "
+                        "apply on top")
     p.add_argument("--config", "-c", default=None, help="TOML or YAML config file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set rounds=3 --set server.epochs=2")

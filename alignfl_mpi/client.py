@@ -84,12 +84,16 @@ def new_local_state(client_id: int, cfg: ClientConfig, *, seed: int,
 def train_epochs(vae: torch.nn.Module, optimizer: torch.optim.Optimizer, data: torch.Tensor, *,
                  epochs: int, batch_size: int, kl_weight: float, generator: torch.Generator,
                  device: torch.device, penalty: Any = None,
-                 labels: torch.Tensor | None = None) -> dict[str, float]:
+                 labels: torch.Tensor | None = None,
+                 posterior: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 ) -> dict[str, float]:
     """Plain minibatch training; returns the mean loss terms of the last epoch.
 
     Args:
         penalty: Optional callable ``(vae, mu) -> (tensor, float)`` added to the loss
             (the Lipschitz gradient penalty); its float is reported as ``penalty``.
+        posterior: If given, every step's ``(mu, logvar)`` is appended (detached, CPU)
+            for the prior fit on reparameterised samples (``prior_fit_on = "z"``).
     """
     vae.train()
     n = len(data)
@@ -102,6 +106,8 @@ def train_epochs(vae: torch.nn.Module, optimizer: torch.optim.Optimizer, data: t
             x = data[idx].to(device, non_blocking=True)
             y = None if labels is None else labels[idx].to(device)
             recon, mu, logvar = vae(x, y)
+            if posterior is not None:
+                posterior.append((mu.detach().cpu(), logvar.detach().cpu()))
             loss, rec, kl = vae_loss(recon, x, mu, logvar, kl_weight=kl_weight)
             if penalty is not None:
                 pen, pen_value = penalty(vae, mu)
@@ -130,10 +136,35 @@ def latent_means(vae: torch.nn.Module, data: torch.Tensor, *, device: torch.devi
     return torch.cat(out).double().numpy()
 
 
+def reparameterised_samples(posterior: list[tuple[torch.Tensor, torch.Tensor]], *,
+                            seed: int) -> np.ndarray:
+    """One draw z = mu + exp(logvar / 2) * eps per collected posterior, float64 (N, D).
+
+    ``eps`` comes from ``np.random.default_rng(seed)``, so a resumed round draws the same z.
+
+    >>> post = [(torch.zeros(3, 2), torch.full((3, 2), -80.0))]
+    >>> bool(np.abs(reparameterised_samples(post, seed=0)).max() < 1e-12)
+    True
+    """
+    mu = torch.cat([m for m, _ in posterior]).double().numpy()
+    std = torch.cat([lv for _, lv in posterior]).double().mul(0.5).exp().numpy()
+    return mu + std * np.random.default_rng(seed).standard_normal(mu.shape)
+
+
 def fit_prior(state: LocalState, data: torch.Tensor, *, seed: int,
-              labels: torch.Tensor | None = None) -> GaussianMixturePrior:
-    """Fit the shared latent prior (a diagonal GMM) on the client's latent means."""
-    latents = latent_means(state.vae, data, device=state.device, labels=labels)
+              labels: torch.Tensor | None = None,
+              posterior: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+              ) -> GaussianMixturePrior:
+    """Fit the shared latent prior (a diagonal GMM).
+
+    With ``prior_fit_on = "z"`` (and ``posterior`` collected during the round's training,
+    as the reference code does) on one reparameterised sample per training step and
+    image; with ``"mu"`` on the final encoder's latent means of ``data``.
+    """
+    if state.cfg.prior_fit_on == "z" and posterior:
+        latents = reparameterised_samples(posterior, seed=seed)
+    else:
+        latents = latent_means(state.vae, data, device=state.device, labels=labels)
     return fit_gmm(latents, n_components=state.cfg.prior_components, seed=seed)
 
 
@@ -204,11 +235,13 @@ def run_local_round(state: LocalState, data: torch.Tensor, *, round_: int,
 
             penalty = make_penalty(cfg.lipschitz, generator=generator)
         cond = labels if cfg.model.conditional else None
+        posterior: list[tuple[torch.Tensor, torch.Tensor]] | None = (
+            [] if cfg.prior_fit_on == "z" else None)
         metrics = train_epochs(state.vae, state.optimizer, data, epochs=cfg.local_epochs,
                                batch_size=cfg.batch_size, kl_weight=cfg.kl_weight,
                                generator=generator, device=state.device, penalty=penalty,
-                               labels=cond)
-        prior = fit_prior(state, data, seed=rs, labels=cond)
+                               labels=cond, posterior=posterior)
+        prior = fit_prior(state, data, seed=rs, labels=cond, posterior=posterior)
     state.rounds_done = round_ + 1
     metrics["train_s"] = time.perf_counter() - start
     metrics["n_samples"] = float(len(data))

@@ -147,8 +147,15 @@ class ClientConfig:
         local_epochs: Local epochs per round (the paper uses 10).
         batch_size: Local batch size.
         lr: Adam learning rate.
-        kl_weight: Weight of the KL term (lambda_kl).
+        kl_weight: Weight of the KL term (lambda_kl), on the KL summed over the latent
+            dims. The reference code's lambda_kl = 0.1 on the KL averaged over the dims
+            is ``kl_weight = 0.1 / latent_dim`` here (the ``paper`` preset).
         prior_components: Components of the shared diagonal Gaussian-mixture prior.
+        prior_fit_on: What the prior is fitted on (without DP): ``z``, reparameterised
+            latent samples mu + sigma * eps collected at every training step of the
+            round (the reference code; the ``paper`` preset), or ``mu``, the final
+            encoder's means of the client's data. In DP modes the prior is always the
+            DP fit on clipped latent means (``privacy.prior``); this key is not used.
         privacy: DP-SGD settings.
         lipschitz: Decoder Lipschitz regularisation.
     """
@@ -160,6 +167,7 @@ class ClientConfig:
     lr: float = 1e-3
     kl_weight: float = 1.0
     prior_components: int = 10
+    prior_fit_on: str = "mu"
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     lipschitz: LipschitzConfig = field(default_factory=LipschitzConfig)
 
@@ -175,7 +183,8 @@ class ServerConfig:
         epochs: Server epochs per round on the pooled synthetic data.
         batch_size: Server batch size.
         lr: Adam learning rate of the global VAE.
-        kl_weight: KL weight of the global VAE.
+        kl_weight: KL weight of the global VAE (on the KL summed over the latent dims;
+            the reference's 0.1 on the averaged KL is ``0.1 / latent_dim``).
         round_deadline_s: Seconds to wait for client updates each round; 0 waits for all.
             A client that misses it is a straggler and its stored decoder is used.
         max_message_mb: Largest accepted message; larger ones are rejected.
@@ -417,20 +426,69 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
         node[path[-1]] = value
 
 
-def load_config(path: str | os.PathLike | None = None, *,
-                overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Load a config file (or the built-in default), apply overrides and validate.
+PRESET_DIR = Path(__file__).resolve().parent / "configs"
+"""The shipped presets (``alignfl_mpi/configs/NAME.toml``, package data; ``configs/`` in
+the repository points here)."""
+
+DEFAULT_PRESET = "paper"
+"""The preset ``alignfl-mpi run`` starts from when ``--preset`` is not given."""
+
+PRIOR_FIT_ON = ("z", "mu")
+
+
+def available_presets() -> list[str]:
+    """Names of the shipped presets, sorted.
+
+    >>> "paper" in available_presets()
+    True
+    """
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def preset_path(name: str) -> Path:
+    """The file of a shipped preset.
 
     Raises:
-        ConfigError: The file, a key, a type or a value is invalid.
+        ConfigError: Unknown name; the message lists the available presets.
     """
-    data = read_config_file(path) if path else {}
+    names = available_presets()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown preset {name!r}{hint}; available presets: "
+                          f"{', '.join(names)} (or pass a file with --config)")
+    return PRESET_DIR / f"{name}.toml"
+
+
+def load_config(path: str | os.PathLike | None = None, *,
+                overrides: list[str] | tuple[str, ...] = (),
+                preset: str | None = None) -> RunConfig:
+    """Load a config: a preset, then a config file on top, then overrides; validate.
+
+    Without ``preset`` the base is the built-in defaults of the dataclasses (the
+    ``classic`` preset); ``alignfl-mpi run`` passes ``preset="paper"`` unless told otherwise.
+
+    Raises:
+        ConfigError: The preset, file, a key, a type or a value is invalid.
+    """
+    data = read_config_file(preset_path(preset)) if preset else {}
+    if path:
+        data = _merge(data, read_config_file(path))
     for text in overrides:
         key_path, value = parse_override(text)
         apply_override(data, key_path, value)
     cfg = from_dict(RunConfig, data)
     validate(cfg)
+    check_prior_fit(cfg)
     return cfg
+
+
+def check_prior_fit(cfg: RunConfig) -> None:
+    """Refuse an unknown ``prior_fit_on`` (client defaults and per-client overrides)."""
+    for k in range(cfg.n_clients):
+        where = f"clients[{k}]" if cfg.clients else "client"
+        _check_choice(f"{where}.prior_fit_on", cfg.client_config(k).prior_fit_on,
+                      PRIOR_FIT_ON)
 
 
 STRATEGIES = ("align-fl", "fedavg", "fedprox")

@@ -33,6 +33,7 @@ from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 from alignfl_mpi.errors import ConfigError
 
 __all__ = [
+    "KL_REDUCTIONS",
     "MODEL_REGISTRY",
     "ConvVAE",
     "MLPVAE",
@@ -385,8 +386,13 @@ def decoder_state_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in decoder.state_dict().items()}
 
 
+KL_REDUCTIONS = ("sum", "mean")
+"""How :func:`vae_loss` reduces the KL term over the latent dimensions."""
+
+
 def vae_loss(
-    recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *, kl_weight: float = 1.0
+    recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *, kl_weight: float = 1.0,
+    kl_reduction: str = "sum",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Return the VAE loss and its two terms, each averaged over the batch.
 
@@ -396,18 +402,30 @@ def vae_loss(
         mu: Posterior means ``(B, latent_dim)``.
         logvar: Posterior log-variances ``(B, latent_dim)``.
         kl_weight: Weight of the KL term.
+        kl_reduction: ``sum``: the per-sample KL(N(mu, exp(logvar)) || N(0, I)) summed
+            over the latent dims (the proper ELBO); ``mean``: averaged over the latent
+            dims, as the reference code's ``mse_loss_function_with_gp`` does (its
+            ``-0.5 * torch.mean(...)`` over batch and dims). ``mean`` with weight ``w``
+            equals ``sum`` with weight ``w / latent_dim``.
 
     Returns:
         ``(loss, recon_term, kl_term)``: ``recon_term`` is the per-sample sum of
-        squared errors, ``kl_term`` the per-sample KL(N(mu, exp(logvar)) || N(0, I))
-        summed over latent dims, and ``loss = recon_term + kl_weight * kl_term``.
+        squared errors, ``kl_term`` the per-sample KL reduced over the latent dims as
+        chosen, and ``loss = recon_term + kl_weight * kl_term``.
 
     Example:
         >>> x = torch.zeros(1, 2)
         >>> loss, rec, kl = vae_loss(x + 1, x, torch.ones(1, 1), torch.zeros(1, 1))
         >>> float(rec), float(kl), float(loss)
         (2.0, 0.5, 2.5)
+        >>> mu, lv = torch.ones(1, 2), torch.zeros(1, 2)
+        >>> [float(vae_loss(x, x, mu, lv, kl_reduction=r)[2]) for r in KL_REDUCTIONS]
+        [1.0, 0.5]
     """
+    if kl_reduction not in KL_REDUCTIONS:
+        raise ValueError(f"kl_reduction must be one of {KL_REDUCTIONS}, got {kl_reduction!r}")
     recon_term = (recon - x).pow(2).flatten(1).sum(dim=1).mean()
-    kl_term = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(dim=1)).mean()
+    kl_elements = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
+    kl_per_sample = kl_elements.sum(dim=1) if kl_reduction == "sum" else kl_elements.mean(dim=1)
+    kl_term = kl_per_sample.mean()
     return recon_term + kl_weight * kl_term, recon_term, kl_term

@@ -42,7 +42,7 @@ from . import __version__
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .client import (LocalState, SharedUpdate, images_to_tensor, new_local_state,
                      run_averaging_round, run_local_round)
-from .config import RunConfig, load_config, to_dict, to_json
+from .config import DEFAULT_PRESET, RunConfig, load_config, to_dict, to_json
 from .datasets import data_root as resolve_data_root
 from .errors import AlignFLError, ConfigError, MessageError
 from .messages import (Bye, DecoderUpdate, GlobalModel, Progress, Ready, RemoteError,
@@ -107,7 +107,8 @@ def pick_device(spec: str, *, local_rank: int) -> torch.device:
 
 
 def resolve_config(args: Any) -> RunConfig:
-    """The config file (or default), ``--set`` overrides, then the shortcut flags."""
+    """The preset (``--preset``, default ``paper``), the config file on top, ``--set``
+    overrides, then the shortcut flags."""
     overrides = list(args.set or [])
     if args.rounds is not None:
         overrides.append(f"rounds={args.rounds}")
@@ -117,7 +118,8 @@ def resolve_config(args: Any) -> RunConfig:
         overrides.append(f"output.dir={_toml_str(args.output)}")
     if args.data_root:
         overrides.append(f"data.data_root={_toml_str(args.data_root)}")
-    return load_config(args.config, overrides=overrides)
+    preset = getattr(args, "preset", None) or DEFAULT_PRESET
+    return load_config(args.config, overrides=overrides, preset=preset)
 
 
 def _toml_str(text: str) -> str:

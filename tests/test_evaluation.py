@@ -1,4 +1,4 @@
-"""Tests for alignfl_mpi.evaluation: split, classifier, metrics, VAE passes, grids."""
+"""Tests for alignfl_mpi.evaluation: the paper's latent protocol, VAE passes, grids."""
 
 from __future__ import annotations
 
@@ -14,14 +14,12 @@ from alignfl_mpi import evaluation
 from alignfl_mpi.evaluation import (
     encode_latents,
     evaluate_vae,
-    fit_logistic_regression,
     image_grid_array,
     latent_classification,
+    latent_variances,
     reconstruction_error,
     save_image_grid,
-    stratified_split,
     to_uint8_images,
-    weighted_f1,
 )
 
 
@@ -60,112 +58,56 @@ class _StandInVAE(torch.nn.Module):
         return self.decode(mu), mu, logvar
 
 
-# ---------------------------------------------------------------- stratified_split
+# ------------------------------------------------------- the paper's latent protocol
 
 
-def test_stratified_split_proportions_disjoint_complete():
-    labels = np.repeat(np.array([4, 0, 9, 2, 5]), [50, 23, 7, 2, 1])
-    np.random.default_rng(1).shuffle(labels)
-    train, test = stratified_split(labels, test_fraction=0.2, seed=42)
-    assert np.all(np.diff(train) > 0) and np.all(np.diff(test) > 0)  # sorted, no repeats
-    assert np.intersect1d(train, test).size == 0
-    assert np.array_equal(np.sort(np.concatenate([train, test])), np.arange(len(labels)))
-    for cls in np.unique(labels):
-        n_cls = np.sum(labels == cls)
-        n_test = np.sum(labels[test] == cls)
-        assert abs(n_test - 0.2 * n_cls) <= 1
-        if n_cls >= 2:
-            assert n_test >= 1 and np.sum(labels[train] == cls) >= 1
-    assert np.sum(labels[test] == 5) == 0  # the singleton stays in train
-    assert np.sum(labels[test] == 4) == 10
+def _reference_protocol(features: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The reference code's evaluate_vae_encoder_split, minus its encoder pass and the
+    ``multi_class="multinomial"`` argument this scikit-learn no longer accepts."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+    from sklearn.model_selection import train_test_split
+
+    x_train, x_test, y_train, y_test = train_test_split(
+        features, labels, test_size=0.2, random_state=42, stratify=labels)
+    clf = LogisticRegression(max_iter=1000)
+    clf.fit(x_train, y_train)
+    y_pred = clf.predict(x_test)
+    _, _, f1, _ = precision_recall_fscore_support(y_test, y_pred, average="weighted")
+    return {"latent_accuracy": accuracy_score(y_test, y_pred), "latent_f1": f1}
 
 
-def test_stratified_split_is_deterministic_and_seeded():
-    labels = np.repeat(np.arange(3), 40)
-    first = stratified_split(labels, seed=42)
-    again = stratified_split(labels, seed=42)
-    other = stratified_split(labels, seed=7)
-    assert all(np.array_equal(a, b) for a, b in zip(first, again))
-    assert not np.array_equal(first[1], other[1])
+def _overlapping_latents(seed: int, *, n: int = 1000, dim: int = 2, classes: int = 10):
+    """Latent-like features whose classes overlap, so the score is far from 0 and 1."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, size=n)
+    centres = rng.normal(scale=1.5 * np.sqrt(2 / dim), size=(classes, dim))
+    return (centres[y] + rng.normal(size=(n, dim))).astype(np.float32), y
 
 
-@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1])
-def test_stratified_split_rejects_bad_fraction(fraction):
-    with pytest.raises(ValueError, match="test_fraction"):
-        stratified_split(np.zeros(10), test_fraction=fraction)
+@pytest.mark.parametrize(("seed", "dim"), [(0, 2), (1, 8), (2, 2)])
+def test_latent_classification_gives_sklearns_number(seed, dim):
+    x, y = _overlapping_latents(seed, dim=dim)
+    ours = latent_classification(x, y)
+    reference = _reference_protocol(x, y)
+    assert 0.2 < reference["latent_accuracy"] < 0.95  # a number that can differ
+    assert ours == pytest.approx(reference, abs=0.0)
 
 
-# ------------------------------------------------------------ logistic regression
+def test_multi_class_multinomial_is_the_default_model():
+    """Why the reference's multi_class="multinomial" can be left out: lbfgs with more than
+    two classes fits the softmax model; one-vs-rest differs on the same data."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
 
-
-def test_logistic_regression_separates_blobs():
-    x, y = _blobs(seed=0)
-    x_new, y_new = _blobs(seed=1)
-    model = fit_logistic_regression(x, y)
-    assert np.mean(model.predict(x_new) == y_new) > 0.95
-    probs = model.predict_proba(x_new)
-    assert probs.shape == (len(x_new), 3)
-    np.testing.assert_allclose(probs.sum(axis=1), 1.0)
-
-
-def test_logistic_regression_keeps_original_label_values():
-    x, y = _blobs(labels=(3, 7, 9), seed=2)
-    model = fit_logistic_regression(x, y)
-    predicted = model.predict(x)
-    assert set(np.unique(predicted)) == {3, 7, 9}
-    assert np.mean(predicted == y) > 0.95
-    assert model.classes.tolist() == [3, 7, 9]
-
-
-@pytest.mark.parametrize("C", [1.0, 0.1])
-def test_logistic_regression_matches_closed_form(C):
-    # Points -1 (class 0) and +1 (class 1); by symmetry W = [-w, w], b0 = b1, and the
-    # objective w^2 + 2C log(1 + exp(-2w)) is stationary at w = 2C sigmoid(-2w).
-    lo, hi = 0.0, 2.0 * C
-    for _ in range(200):  # bisection on the increasing g(w) = w - 2C sigmoid(-2w)
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if mid - 2 * C / (1 + math.exp(2 * mid)) < 0 else (lo, mid)
-    w = (lo + hi) / 2
-    model = fit_logistic_regression(np.array([[-1.0], [1.0]]), np.array([0, 1]), C=C)
-    np.testing.assert_allclose(model.mean, [0.0])
-    np.testing.assert_allclose(model.scale, [1.0])
-    np.testing.assert_allclose(model.coef, [[-w, w]], atol=1e-6)
-    np.testing.assert_allclose(model.intercept[1] - model.intercept[0], 0.0, atol=1e-6)
-    p_one = model.predict_proba(np.array([[1.0]]))[0, 1]
-    assert p_one == pytest.approx(1 / (1 + math.exp(-2 * w)), abs=1e-6)
-
-
-def test_logistic_regression_single_class_predicts_it():
-    model = fit_logistic_regression(np.ones((4, 2)), np.array([5, 5, 5, 5]))
-    assert model.predict(np.random.default_rng(0).normal(size=(3, 2))).tolist() == [5, 5, 5]
-
-
-def test_logistic_regression_rejects_mismatched_inputs():
-    with pytest.raises(ValueError, match="features"):
-        fit_logistic_regression(np.zeros((4, 2)), np.zeros(3))
-    with pytest.raises(ValueError, match="C must be"):
-        fit_logistic_regression(np.zeros((4, 2)), np.zeros(4), C=0.0)
-
-
-# ------------------------------------------------------------------------- metrics
-
-
-def test_weighted_f1_hand_computed():
-    # class 0: TP1 FP1 FN1 -> 0.5; class 1: TP2 FP1 -> 0.8; class 2: 0. Supports 2, 2, 1.
-    y_true = np.array([0, 0, 1, 1, 2])
-    assert weighted_f1(y_true, np.array([0, 1, 1, 1, 0])) == pytest.approx(0.52)
-    assert weighted_f1(y_true, y_true.copy()) == 1.0
-
-
-def test_weighted_f1_ignores_classes_only_predicted():
-    # class 0: 1.0, class 1: TP1 FN1 -> 2/3; class 5 has no support, so weight 0.
-    value = weighted_f1(np.array([0, 0, 1, 1]), np.array([0, 0, 1, 5]))
-    assert value == pytest.approx((2 * 1.0 + 2 * 2 / 3) / 4)
-
-
-def test_weighted_f1_rejects_mismatched_lengths():
-    with pytest.raises(ValueError, match="equal length"):
-        weighted_f1(np.array([0, 1]), np.array([0]))
+    x, y = _overlapping_latents(3)
+    default = LogisticRegression(max_iter=1000).fit(x, y)
+    assert default.predict_proba(x[:5]).sum(axis=1) == pytest.approx(np.ones(5))
+    softmax = np.exp(default.decision_function(x[:50]))
+    softmax /= softmax.sum(axis=1, keepdims=True)
+    assert default.predict_proba(x[:50]) == pytest.approx(softmax, abs=1e-6)
+    ovr = OneVsRestClassifier(LogisticRegression(max_iter=1000)).fit(x, y)
+    assert not np.allclose(ovr.predict_proba(x[:50]), softmax)
 
 
 def test_latent_classification_on_blobs():
@@ -180,6 +122,23 @@ def test_latent_classification_on_random_labels_is_near_chance():
     rng = np.random.default_rng(4)
     metrics = latent_classification(rng.normal(size=(600, 5)), rng.integers(0, 3, size=600))
     assert 0.2 < metrics["latent_accuracy"] < 0.5
+
+
+def test_latent_classification_refuses_a_singleton_class():
+    x = np.arange(12, dtype=np.float64).reshape(6, 2)
+    with pytest.raises(ValueError):
+        latent_classification(x, np.array([0, 0, 0, 1, 1, 2]))
+
+
+def test_latent_variances_find_a_collapsed_dimension():
+    rng = np.random.default_rng(8)
+    z = np.column_stack([rng.normal(scale=2.0, size=5000), rng.normal(scale=0.1, size=5000)])
+    var = latent_variances(z)
+    assert set(var) == {"latent_var_0", "latent_var_1", "latent_var_min_ratio"}
+    assert var["latent_var_0"] == pytest.approx(4.0, rel=0.1)
+    assert var["latent_var_1"] == pytest.approx(0.01, rel=0.1)
+    assert var["latent_var_min_ratio"] == pytest.approx(0.0025, rel=0.2)
+    assert latent_variances(np.zeros((4, 3)))["latent_var_min_ratio"] == 0.0
 
 
 # ---------------------------------------------------------------------- VAE passes
@@ -236,7 +195,10 @@ def test_evaluate_vae_combines_metrics():
     for cls in range(3):  # class k has a bright band of rows
         images[labels == cls, 9 * cls : 9 * cls + 9, :] += 200
     metrics = evaluate_vae(_StandInVAE(constant_decoder=True), images, labels)
-    assert set(metrics) == {"latent_accuracy", "latent_f1", "recon_error"}
+    assert set(metrics) == {"latent_accuracy", "latent_f1", "recon_error",
+                            "latent_var_min_ratio"} | {f"latent_var_{d}" for d in range(784)}
+    assert metrics["latent_var_5"] == pytest.approx(float((images.reshape(90, -1)[:, 5]
+                                                           / 255.0).var()), rel=1e-4)
     assert metrics["latent_accuracy"] > 0.95 and metrics["latent_f1"] > 0.95
     expected = np.mean(np.sum((images / 255.0 - 0.5) ** 2, axis=(1, 2)))
     assert metrics["recon_error"] == pytest.approx(expected, rel=1e-5)

@@ -175,3 +175,33 @@ def test_adam_steps_lower_the_loss(arch: str) -> None:
         vae_loss(recon, x, mu, logvar)[0].backward()
         opt.step()
     assert eval_loss() < 0.9 * before
+
+
+def _reference_loss(recon, x, mu, logvar, lambda_kl):
+    """The reference code's mse_loss_function_with_gp without the penalty (gen_utils.py)."""
+    mse = torch.nn.functional.mse_loss(recon, x.view(recon.size()), reduction="none")
+    mse = mse.sum(dim=1).mean()
+    kld = -0.5 * torch.mean(1 + logvar - mu.pow(2) - logvar.exp())
+    return mse + lambda_kl * kld
+
+
+@pytest.mark.parametrize("latent_dim", [2, 8])
+def test_vae_loss_mean_reduction_is_the_reference_loss(latent_dim) -> None:
+    gen = torch.Generator().manual_seed(latent_dim)
+    x = torch.rand(16, 784, generator=gen)
+    recon = torch.rand(16, 784, generator=gen)
+    mu = torch.randn(16, latent_dim, generator=gen)
+    logvar = torch.randn(16, latent_dim, generator=gen)
+    expected = _reference_loss(recon, x, mu, logvar, 0.1)
+    loss, _, kl = vae_loss(recon, x, mu, logvar, kl_weight=0.1, kl_reduction="mean")
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    # ...which is the summed KL at weight 0.1 / latent_dim: the presets' kl_weight
+    loss_sum, _, kl_sum = vae_loss(recon, x, mu, logvar, kl_weight=0.1 / latent_dim)
+    assert loss_sum.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert kl_sum.item() == pytest.approx(latent_dim * kl.item(), rel=1e-6)
+
+
+def test_vae_loss_refuses_an_unknown_reduction() -> None:
+    z = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match="kl_reduction"):
+        vae_loss(z, z, z, z, kl_reduction="batchmean")
