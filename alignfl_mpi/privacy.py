@@ -348,22 +348,23 @@ def calibrate_joint(*, epsilon: float, delta: float, sample_rate: float, steps: 
                              prior_releases=prior_releases, delta=delta, accountant=accountant)
 
     low_target = (1 - CALIBRATION_RTOL) * epsilon
-    hi = 1.0
-    e_hi = eps(hi)
+    hi, e_hi = 1.0, eps(1.0)  # invariant: eps(hi) <= epsilon < eps(lo)
     while e_hi > epsilon:  # the additive split did not fit (not expected): more noise
         hi *= 2
         if hi > 1e6:
             raise ConfigError(f"privacy budget epsilon={epsilon:.4g} is too small to "
                               "calibrate jointly; raise privacy.epsilon")
         e_hi = eps(hi)
-    lo = hi / 2
-    while eps(lo) <= epsilon:
-        if e_hi >= low_target:
-            return hi
-        hi, e_hi, lo = lo, eps(lo), lo / 2
+    lo = hi
+    while e_hi < low_target:  # halve until the budget is exceeded
+        lo /= 2
         if lo < 1e-6:
             return hi
-    while e_hi < low_target:
+        e_lo = eps(lo)
+        if e_lo > epsilon:
+            break
+        hi, e_hi = lo, e_lo
+    while e_hi < low_target:  # bisection
         mid = (lo + hi) / 2
         e_mid = eps(mid)
         if e_mid > epsilon:
