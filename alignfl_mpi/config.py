@@ -144,6 +144,10 @@ class ClientConfig:
         model: The client's VAE (clients may differ).
         device: ``auto`` (``cuda:{local_rank % n_gpus}`` if CUDA is present, else ``cpu``),
             ``cpu``, ``cuda`` or ``cuda:N``.
+        private_dir: The client's private folder: its checkpoints (encoder, optimizer,
+            privacy accountant and the secret seed of its DP noise). Never under
+            ``output.dir``, created 0700; empty means node-local
+            ``$ALIGNFL_PRIVATE_DIR`` or ``$TMPDIR/alignfl-private-<uid>`` (see docs/PRIVACY.md).
         local_epochs: Local epochs per round (the paper uses 10).
         batch_size: Local batch size.
         lr: Adam learning rate.
@@ -162,6 +166,7 @@ class ClientConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     device: str = "auto"
+    private_dir: str = ""
     local_epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3
@@ -524,6 +529,7 @@ def validate(cfg: RunConfig) -> None:
         _positive(f"{where}.lr", c.lr)
         _positive(f"{where}.kl_weight", c.kl_weight, allow_zero=True)
         _check_device(f"{where}.device", c.device)
+        _check_private_dir(f"{where}.private_dir", c.private_dir, cfg.output.dir)
         _check_choice(f"{where}.lipschitz.form", c.lipschitz.form, ("two-sided", "hinge"))
         _check_choice(f"{where}.lipschitz.grad_norm_mode", c.lipschitz.grad_norm_mode,
                       ("sum", "random", "spectral"))
@@ -557,6 +563,16 @@ def validate(cfg: RunConfig) -> None:
     if not 0 <= cfg.data.outlier_client < cfg.n_clients:
         raise ConfigError(f"data.outlier_client {cfg.data.outlier_client} is out of range "
                           f"0..{cfg.n_clients - 1}")
+
+
+def _check_private_dir(where: str, private_dir: str, output_dir: str) -> None:
+    """A client's private folder must not lie inside the run folder (rank 0 reads that)."""
+    if not private_dir:
+        return
+    private, out = Path(private_dir).resolve(), Path(output_dir).resolve()
+    if private == out or out in private.parents:
+        raise ConfigError(f"config key {where!r}: {private_dir} is inside output.dir "
+                          f"{output_dir}, which the server reads; choose a folder outside it")
 
 
 MESSAGE_OVERHEAD_BYTES = 64 * 2**10

@@ -47,6 +47,7 @@ from .datasets import data_root as resolve_data_root
 from .errors import AlignFLError, ConfigError, MessageError
 from .messages import (Bye, DecoderUpdate, GlobalModel, Progress, Ready, RemoteError,
                        StartInstruction, Stop, Tag, TrainInstruction)
+from .private import client_private_dir, ensure_private
 from .progress import CLIENT_MIN_INTERVAL_S, ProgressDisplay, ProgressTable, StepReporter
 from .results import RESULTS_NAME, ResultsWriter
 from .runlock import RunLock
@@ -245,8 +246,9 @@ class ClientLoop:
         self.global_state: dict[str, np.ndarray] | None = None  # FedAvg/FedProx only
         self.classifier: Any = None
         self.pending: list[Any] = []  # PROGRESS sends in flight
-        _, ckpt_dir, _ = run_paths(cfg)
-        self.ckpt_dir = ckpt_dir / f"client_{self.client_id}"
+        # private: encoder, optimizer, accountant and the DP secret never go to the run folder
+        self.ckpt_dir = client_private_dir(cfg.client_config(self.client_id).private_dir,
+                                           cfg.output.dir, self.client_id)
 
     def run(self) -> int:
         """Serve until STOP. A failure outside the training step aborts the job."""
@@ -293,6 +295,8 @@ class ClientLoop:
         t0 = time.perf_counter()
         try:
             ccfg = self.cfg.client_config(self.client_id)
+            if self.cfg.output.checkpoint or self.resume:
+                ensure_private(self.ckpt_dir)
             device = pick_device(ccfg.device, local_rank=self.local_rank)
             part = read_client(partition_path(self.cfg), self.client_id)
             self.data = images_to_tensor(part.images)
