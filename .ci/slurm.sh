@@ -16,7 +16,7 @@ set -euo pipefail
 DIR=${ALIGNFL_SLURM_DIR:-/tmp/alignfl-slurm}
 NODES=${ALIGNFL_SLURM_NODES:-2}
 PORT=${ALIGNFL_SLURM_PORT:-16817}
-GPUS=${ALIGNFL_SLURM_GPUS:-4}
+GPUS=${ALIGNFL_SLURM_GPUS:-8}
 CONF=$DIR/slurm.conf
 SOCK=$DIR/munge/munge.socket
 
@@ -54,6 +54,9 @@ write_conf() {
   cat >"$CONF" <<EOF
 # Written by .ci/slurm.sh: a single-host test cluster. Not for production.
 ClusterName=alignfl-ci
+# Job ids unlike any earlier test cluster's on this host: MPICH names its /dev/shm segments
+# after job.step, and one left by a killed run would hang a later job with the same id.
+FirstJobId=$(( $(date +%s) % 60000000 + 1 ))
 SlurmctldHost=localhost
 SlurmctldPort=$PORT
 SlurmUser=root
