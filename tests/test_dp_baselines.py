@@ -110,8 +110,9 @@ def test_dp_averaging_with_lipschitz_penalty(images) -> None:
 
 
 @pytest.mark.skipif(find_mpiexec() is None, reason="no mpiexec available")
-@pytest.mark.parametrize("strategy", ["fedavg", "fedprox"])
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "align-fl"])
 def test_dp_baseline_records_epsilon_under_mpiexec(tmp_path, strategy) -> None:
+    """DP-FedAvg and DP-FedProx; and ALIGN-FL with DP, the DP prior and lambda_lip > 0."""
     from test_mpi_runtime import launch, tiny_partition, write_config
 
     from alignfl_mpi.results import load
@@ -119,7 +120,11 @@ def test_dp_baseline_records_epsilon_under_mpiexec(tmp_path, strategy) -> None:
     part = tiny_partition(tmp_path / "p.h5", n_clients=2)
     cfg = write_config(tmp_path / "c.toml", part, tmp_path / "run", n_clients=2, rounds=2)
     sets = [f'strategy="{strategy}"', 'client.privacy.mode="full"',
-            'client.privacy.prior="standard"', "client.privacy.epsilon=3.0"]
+            "client.privacy.epsilon=3.0"]
+    if strategy == "align-fl":
+        sets += ['client.privacy.prior="dp"', "client.lipschitz.weight=0.5"]
+    else:
+        sets.append('client.privacy.prior="standard"')
     try:
         proc = launch(3, "run", "--config", str(cfg), *[a for s in sets for a in ("--set", s)],
                       timeout=240)
@@ -127,13 +132,16 @@ def test_dp_baseline_records_epsilon_under_mpiexec(tmp_path, strategy) -> None:
         pytest.fail(str(exc))
     assert proc.returncode == 0, proc.stderr
     res = load(tmp_path / "run" / "results.h5")
-    assert res.finished and list(res.server["n_averaged"]) == [2.0, 2.0]
+    assert res.finished
+    if strategy != "align-fl":
+        assert list(res.server["n_averaged"]) == [2.0, 2.0]
     for c in (0, 1):
         eps = res.clients[c]["epsilon"]
         assert len(eps) == 2 and 0 < eps[0] < eps[1] <= 3.0
         assert eps[1] == pytest.approx(3.0, rel=0.01)
         assert (res.clients[c]["dp_accounted"] == 1.0).all()
-        assert not {"loss", "recon", "kl", "train_s"} & set(res.clients[c])
+        assert not {"loss", "recon", "kl", "penalty", "train_s"} & set(res.clients[c])
+        assert (res.clients[c]["epsilon_prior"] > 0).all() == (strategy == "align-fl")
     spent = res.epsilon_spent()
     assert spent.dp and spent.accounted and spent.value == pytest.approx(3.0, rel=0.01)
 
