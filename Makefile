@@ -1,11 +1,13 @@
 # The two set-up commands of the README:
-#   make demo   create/reuse .venv, install, get the data, run the default job under mpiexec
+#   make demo   create/reuse .venv, install, get the data, run the paper preset under mpiexec
 #   make test   create/reuse .venv, install, run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 NP ?= 6
+# The shipped config `make demo` runs (alignfl_mpi/configs/NAME.toml): the reference code's settings.
+PRESET ?= paper
 # Where `make demo` imports MNIST/Fashion-MNIST from when the data root lacks them;
 # leave empty to download with torchvision instead.
 DATASETS ?= $(ALIGNFL_DATASETS)
@@ -34,7 +36,7 @@ STAMP := $(shell date +%Y%m%d-%H%M%S)
 RUN_DIR ?= runs/demo-$(STAMP)
 
 demo: data
-	PATH=$(abspath $(BIN)):$$PATH mpiexec -n $(NP) $(BIN)/alignfl-mpi run --output $(RUN_DIR) $(ARGS)
+	PATH=$(abspath $(BIN)):$$PATH mpiexec -n $(NP) $(BIN)/alignfl-mpi run --preset $(PRESET) --output $(RUN_DIR) $(ARGS)
 	$(BIN)/alignfl-mpi report $(RUN_DIR) --out $(RUN_DIR)/report
 
 test: install

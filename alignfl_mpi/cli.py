@@ -126,15 +126,30 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_reference(args: argparse.Namespace) -> int:
-    from .reference import centralized, fedavg_classifier
+    from .config import DEFAULT_PRESET, load_config
+    from .reference import centralized, centralized_vae, fedavg_classifier
 
     out = Path(args.out)
     part = Path(args.partition)
-    acc = centralized(part, out=out / "centralized", epochs=args.epochs, seed=args.seed)
-    print(f"centralized: task accuracy {acc[-1]:.4f} -> {out / 'centralized'}")
-    acc = fedavg_classifier(part, out=out / "fedavg-classifier", rounds=args.rounds,
-                            local_epochs=args.local_epochs, seed=args.seed)
-    print(f"fedavg-classifier: task accuracy {acc[-1]:.4f} -> {out / 'fedavg-classifier'}")
+    if args.what in ("all", "vae"):
+        cfg = load_config(args.config, overrides=args.set, preset=args.preset or DEFAULT_PRESET)
+        hist = centralized_vae(part, cfg, out=out / "centralized-vae", epochs=args.vae_epochs,
+                               seed=args.seed)
+        last = hist[-1]
+        dims = sorted((k for k in last if k.startswith("latent_var_") and k[11:].isdigit()),
+                      key=lambda k: int(k[11:]))
+        print(f"centralized-vae (upper bound of the global VAE, latent_dim {len(dims)}, "
+              f"{len(hist)} epochs): latent acc {last['latent_accuracy']:.4f} | f1 "
+              f"{last['latent_f1']:.4f} | recon {last['recon_error']:.3f} | latent var "
+              f"{' '.join(f'{last[k]:.3g}' for k in dims)} (min/max "
+              f"{last['latent_var_min_ratio']:.3f}) -> {out / 'centralized-vae'}")
+    if args.what in ("all", "classifiers"):
+        acc = centralized(part, out=out / "centralized", epochs=args.epochs, seed=args.seed)
+        print(f"centralized: task accuracy {acc[-1]:.4f} -> {out / 'centralized'}")
+        acc = fedavg_classifier(part, out=out / "fedavg-classifier", rounds=args.rounds,
+                                local_epochs=args.local_epochs, seed=args.seed)
+        print(f"fedavg-classifier: task accuracy {acc[-1]:.4f} -> "
+              f"{out / 'fedavg-classifier'}")
     return 0
 
 
@@ -233,11 +248,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     p.set_defaults(func=_cmd_sweep)
 
-    p = sub.add_parser("reference", help="reference digit classifiers on the real partitions: "
-                                         "centralized upper bound and FedAvg")
+    p = sub.add_parser("reference", help="centralised upper bounds on the real partitions: "
+                                         "the global VAE, the digit classifier (and its FedAvg)")
     p.add_argument("--partition", required=True, help="partition HDF5 file")
     p.add_argument("--out", "-o", default="runs/reference", help="output folder")
-    p.add_argument("--epochs", type=int, default=5, help="centralized epochs (default 5)")
+    p.add_argument("--what", choices=("all", "vae", "classifiers"), default="all",
+                   help="which references to train (default all)")
+    p.add_argument("--preset", default=None, metavar="NAME",
+                   help="config the VAE comes from (server.model, batch_size, lr, kl_weight), "
+                        "as for run (default paper)")
+    p.add_argument("--config", "-c", default=None, help="config file on top of the preset")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, as for run")
+    p.add_argument("--vae-epochs", type=int, default=10,
+                   help="epochs of the centralised VAE on the real union (default 10)")
+    p.add_argument("--epochs", type=int, default=5,
+                   help="epochs of the centralised classifier (default 5)")
     p.add_argument("--rounds", type=int, default=5, help="FedAvg rounds (default 5)")
     p.add_argument("--local-epochs", type=int, default=2, help="FedAvg local epochs (2)")
     p.add_argument("--seed", type=int, default=0)

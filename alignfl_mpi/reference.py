@@ -1,17 +1,23 @@
-"""Reference classifiers for the synthetic-only classifier of ALIGN-FL.
+"""Centralised references: upper bounds from the real data of the same partition.
 
     alignfl-mpi reference --partition data/partitions/<file>.h5 --out runs/reference
 
-Two digit classifiers (the LeNet of :mod:`alignfl_mpi.metrics`), trained on the real
-in-domain images of the same partition (outliers left out) and scored on its real test set:
+All are trained on the real in-domain images of the partition's clients (outliers left
+out) and scored on its real test set:
 
-* ``centralized``: one process trains on the union of all clients' images, an upper bound;
+* ``centralized-vae`` (:func:`centralized_vae`): the run's global VAE (``server.model``,
+  ``server.batch_size``, ``server.lr``, ``server.kl_weight`` of the same preset or config)
+  trained in one process on the union of the clients' images: the upper bound of every
+  quality number of the global VAE (latent accuracy and F1, reconstruction error, the
+  per-dimension latent variances), measured with the same evaluation after every epoch;
+* ``centralized``: the digit classifier (the LeNet of :mod:`alignfl_mpi.metrics`) on the
+  same union, the upper bound of the synthetic-only classifier;
 * ``fedavg-classifier``: FedAvg of the same classifier over the clients' partitions,
   simulated in one process (client by client, then the sample-weighted mean; the result
   is the same as a distributed run).
 
-Each writes a results file in the usual schema (``eval/task_accuracy`` per round, or per
-epoch for the centralized one), so ``alignfl-mpi report`` puts them beside the runs.
+Each writes a results file in the usual schema (``eval/...`` per round, or per epoch for
+the centralised ones), so ``alignfl-mpi report`` puts them beside the runs.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .client import round_seed
+from .client import model_spec, round_seed
+from .config import RunConfig, to_dict
 from .results import RESULTS_NAME, ResultsWriter
 from .schema import TEST, read_client, read_partition_info, read_split
 from .server import average_states
@@ -141,3 +148,55 @@ def fedavg_classifier(partition: Path, *, out: Path, rounds: int = 5, local_epoc
     writer.write_final(global_state={k: v.numpy() for k, v in global_net.state_dict().items()},
                        global_spec={"arch": "lenet"}, decoders={})
     return accs
+
+
+def centralized_vae(partition: Path, cfg: RunConfig, *, out: Path, epochs: int = 10,
+                    seed: int = 0) -> list[dict[str, float]]:
+    """Train the run's global VAE on the union of the real partitions; evaluate each epoch.
+
+    The model, batch size, learning rate and KL weight are the config's ``server`` ones
+    (the global VAE of ALIGN-FL and FedAvg), the loss is ``models.vae_loss`` as in the
+    server's training, and each epoch is scored by ``evaluation.evaluate_vae`` on the
+    partition's test set exactly as ``assess`` scores the global VAE every round.
+
+    Returns:
+        The evaluation of every epoch (``latent_accuracy``, ``latent_f1``,
+        ``recon_error``, ``latent_var_<d>``, ``latent_var_min_ratio``).
+    """
+    from .client import train_epochs as train_vae_epochs
+    from .evaluation import evaluate_vae
+    from .models import build_vae
+
+    s = cfg.server
+    sets = _client_sets(partition)
+    x = torch.cat([images for images, _ in sets])
+    test_x, test_y = read_split(partition, TEST)
+    spec = model_spec(s.model)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(round_seed(seed, 0, 0))
+    vae = build_vae(spec).to(device)
+    opt = torch.optim.Adam(vae.parameters(), lr=s.lr)
+    config = {"strategy": "centralized-vae", "rounds": epochs, "seed": seed,
+              "server": to_dict(s)}
+    writer = _writer(out, config, partition)
+    history = []
+    for e in range(epochs):
+        rs = round_seed(seed, 0, e + 1)
+        torch.manual_seed(rs)
+        terms = train_vae_epochs(vae, opt, x, epochs=1, batch_size=s.batch_size,
+                                 kl_weight=s.kl_weight, generator=torch.Generator().manual_seed(rs),
+                                 device=device)
+        metrics = {k: float(v) for k, v in evaluate_vae(vae, test_x, test_y, seed=42,
+                                                        device=device).items()}
+        history.append(metrics)
+        writer.write_round(e, clients={},
+                           server={"loss": terms["loss"], "recon": terms["recon"],
+                                   "kl": terms["kl"], "n_train": float(len(x))},
+                           evaluation=metrics, timings={})
+        log.info("centralized-vae epoch %d/%d | loss %.3f | latent acc %.4f | f1 %.4f | "
+                 "recon %.3f | latent var min/max %.3f", e + 1, epochs, terms["loss"],
+                 metrics["latent_accuracy"], metrics["latent_f1"], metrics["recon_error"],
+                 metrics["latent_var_min_ratio"])
+    writer.write_final(global_state={k: v.cpu().numpy() for k, v in vae.state_dict().items()},
+                       global_spec=spec.to_dict(), decoders={})
+    return history

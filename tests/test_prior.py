@@ -194,3 +194,47 @@ def test_dead_component_is_reseeded_at_worst_explained_sample() -> None:
     np.testing.assert_allclose(variances[1], [2.0, 3.0])
     np.testing.assert_allclose(weights, [0.75, 0.25])
     assert np.isfinite(means).all() and (variances >= 1e-4).all()
+
+
+# ------------------------------------------------------------- what the client fits on
+
+
+def _client_round(fit_on: str, *, seed: int = 5):
+    from alignfl_mpi.client import new_local_state, run_local_round
+    from alignfl_mpi.config import load_config
+
+    cfg = load_config(preset="paper", overrides=[
+        f'client.prior_fit_on="{fit_on}"', "client.local_epochs=2",
+        "client.model.hidden=[32, 16]", "client.batch_size=16"]).client
+    state = new_local_state(0, cfg, seed=seed, device=torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    data = torch.rand(64, 1, 28, 28, generator=gen)
+    update = run_local_round(state, data, round_=0, seed=seed)
+    return state, update, data
+
+
+def test_prior_fit_on_z_uses_the_reparameterised_samples_of_every_step() -> None:
+    from alignfl_mpi.client import fit_prior, latent_means, reparameterised_samples
+
+    state_z, update_z, data = _client_round("z")
+    state_mu, update_mu, _ = _client_round("mu")
+    # drawing z does not touch training: same decoder either way, different priors
+    for name, value in update_z.state.items():
+        np.testing.assert_array_equal(value, update_mu.state[name])
+    assert not np.array_equal(update_z.prior["means"], update_mu.prior["means"])
+    # the "mu" prior is the fit on the final encoder's means
+    mu = latent_means(state_mu.vae, data, device=torch.device("cpu"))
+    assert mu.shape == (64, 2)
+    # the "z" prior: one draw per image and step of the 2 local epochs
+    posterior = [(torch.zeros(64, 2), torch.zeros(64, 2))] * 2
+    z = reparameterised_samples(posterior, seed=1)
+    assert z.shape == (128, 2) and abs(float(z.std()) - 1.0) < 0.15
+    direct = fit_prior(state_z, data, seed=1, posterior=posterior)
+    np.testing.assert_array_equal(direct.means, fit_gmm(z, n_components=10, seed=1).means)
+
+
+def test_prior_fit_on_z_is_reproducible_for_a_resumed_round() -> None:
+    _, first, _ = _client_round("z")
+    _, again, _ = _client_round("z")
+    for key in ("weights", "means", "log_vars"):
+        np.testing.assert_array_equal(first.prior[key], again.prior[key])
