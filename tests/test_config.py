@@ -7,13 +7,23 @@ from alignfl_mpi.config import (RunConfig, apply_override, load_config, parse_ov
 from alignfl_mpi.errors import ConfigError
 
 
-def test_default_is_paper_setup():
+def test_builtin_default_is_the_paper_setup_with_the_classic_loss_and_prior():
     cfg = load_config()
     assert cfg.n_clients == 5 and cfg.data.scheme == "class-pairs"
     assert cfg.data.outliers == 600 and cfg.data.outlier_client == 0
     c = cfg.client_config(3)
     assert c.model.arch == "mlp" and c.model.latent_dim == 2 and c.local_epochs == 10
     assert c.batch_size == 128 and c.lr == 1e-3
+    # the named settings in which the paper preset differs (tests/test_presets.py)
+    assert (c.kl_weight, c.prior_fit_on, cfg.server.epochs) == (1.0, "mu", 10)
+    assert load_config(preset="paper").client.prior_fit_on == "z"
+
+
+def test_a_preset_under_a_file_under_overrides(tmp_path):
+    (tmp_path / "a.toml").write_text('rounds = 2\n[client]\nprior_fit_on = "mu"\n')
+    cfg = load_config(tmp_path / "a.toml", preset="paper-dim8", overrides=["rounds=4"])
+    assert cfg.rounds == 4 and cfg.client.prior_fit_on == "mu"
+    assert cfg.client.model.latent_dim == 8 and cfg.server.epochs == 5
 
 
 def test_toml_and_yaml_files(tmp_path):
