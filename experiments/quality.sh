@@ -84,7 +84,7 @@ C = [load(f"{out}/central-s{s}/centralized-vae/results.h5") for s in seeds]
 
 def ms(values):
     v = np.asarray(values, dtype=float)
-    return f"{v.mean():.4f} ± {v.std(ddof=1) if len(v) > 1 else 0:.4f}"
+    return f"{v.mean():.4f} ± {v.std(ddof=1):.4f}" if len(v) > 1 else f"{v[0]:.4f}"
 
 acc_c = np.array([c.eval["latent_accuracy"][-1] for c in C])
 rec_c = np.array([c.eval["recon_error"][-1] for c in C])
