@@ -111,7 +111,7 @@ METRIC_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 """Pattern of an accepted metric name (they become HDF5 attribute names)."""
 
 RESERVED_METRICS = frozenset({"status", "error", "traceback", "message_bytes", "update_round",
-                              "busy_round", "unsolicited"})
+                              "busy_round", "unsolicited", "answer_s"})
 """Names the server sets itself; a client may not send a metric under them."""
 
 _WIRE_DTYPES: dict[str, np.dtype] = {

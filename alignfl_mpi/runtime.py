@@ -426,6 +426,7 @@ class Server:
         self.results_path, self.ckpt_dir, self.png_dir = run_paths(cfg)
         self.lock = RunLock(self.results_path.parent)
         self.outbox: list[Any] = []  # sends in flight (never blocks on a client)
+        self.asked_at: dict[int, float] = {}  # client -> when its current request was sent
         self.writer: ResultsWriter | None = None
 
     def _send(self, client: int, payload: Any) -> None:
@@ -628,6 +629,7 @@ class Server:
                 self._send(c, model)
             self._send(c, instruction)
             self.busy[c] = r
+            self.asked_at[c] = time.perf_counter()
         self.collect(r, record, deadline=deadline)
         t_collect = time.perf_counter() - t_round
         for c in range(self.n):
@@ -664,7 +666,10 @@ class Server:
         t_eval = time.perf_counter() - t0
 
         answered = [v for v in record.clients.values() if v.get("status") in ("ok", "late")]
-        t_client = max((v.get("train_s", 0.0) for v in answered), default=0.0)
+        # the clients' own train_s where they send it; under DP it stays on the client
+        # (it depends on the secret batch sizes), so the server's answer time stands in
+        t_client = max((v.get("train_s", v.get("answer_s", 0.0)) for v in answered),
+                       default=0.0)
         timings = {"client_training": t_client,
                    "communication": max(0.0, t_collect - t_client),
                    "collect": t_collect, "sampling": t_sampling, "server_training": t_server,
@@ -744,6 +749,8 @@ class Server:
         was_round = self.busy.pop(c)
         late = was_round != r
         entry: dict[str, Any] = {"message_bytes": rcv.nbytes}
+        if c in self.asked_at:
+            entry["answer_s"] = time.perf_counter() - self.asked_at.pop(c)
         if not rcv.ok:
             entry.update(status="rejected", error=_clean_text(str(rcv.error)))
             log.warning("round %d: rejected message from %s: %s", _round_no(r), who, rcv.error)
