@@ -100,7 +100,9 @@ class PrivacyConfig:
         accountant: ``rdp`` (default) or ``prv``; the other is reported as a cross-check.
         prior: In DP modes, ``dp`` (noisy sufficient statistics, budget share
             ``prior_epsilon_fraction``) or ``standard`` (data-independent N(0, I)).
-        prior_epsilon_fraction: Share of epsilon spent on the prior when ``prior = "dp"``.
+        prior_epsilon_fraction: With ``prior = "dp"``: the prior's share of epsilon in the
+            additive split, which fixes the ratio of the prior's noise to DP-SGD's; both
+            are then scaled by one factor until the jointly composed epsilon meets the target.
     """
 
     mode: str = "none"
