@@ -13,7 +13,7 @@ PRESET ?= paper
 DATASETS ?= $(ALIGNFL_DATASETS)
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo test data clean
+.PHONY: install demo test data clean slurm-up slurm-down
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,15 @@ demo: data
 
 test: install
 	PATH=$(abspath $(BIN)):$$PATH $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The single-host test SLURM of tests/test_slurm.py (as root): apt-get install slurm-wlm munge
+# when missing, start munged, slurmctld and two slurmd; then `eval "$$(.ci/slurm.sh env)"`.
+slurm-up:
+	.ci/slurm.sh install
+	.ci/slurm.sh up
+
+slurm-down:
+	.ci/slurm.sh down
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -16,7 +16,7 @@ set -euo pipefail
 DIR=${ALIGNFL_SLURM_DIR:-/tmp/alignfl-slurm}
 NODES=${ALIGNFL_SLURM_NODES:-2}
 PORT=${ALIGNFL_SLURM_PORT:-16817}
-GPUS=${ALIGNFL_SLURM_GPUS:-8}
+GPUS=${ALIGNFL_SLURM_GPUS:-16}
 CONF=$DIR/slurm.conf
 SOCK=$DIR/munge/munge.socket
 
@@ -47,7 +47,7 @@ node_name() { echo "ci$1"; }
 
 write_conf() {
   local cpus mem i g
-  cpus=$(nproc)
+  cpus=$(getconf _NPROCESSORS_ONLN)  # not nproc: it obeys OMP_NUM_THREADS
   mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 2 ))  # half the RAM, in MB
   mkdir -p "$DIR"/{state,log,munge,spool,dev}
   : >"$DIR/gres.conf"
@@ -96,7 +96,8 @@ EOF
     echo "NodeName=$(node_name $i) Name=gpu File=$DIR/dev/$(node_name $i)-gpu[0-$((GPUS - 1))]" >>"$DIR/gres.conf"
     for ((g = 0; g < GPUS; g++)); do ln -sfn /dev/null "$DIR/dev/$(node_name $i)-gpu$g"; done
   done
-  echo "PartitionName=ci Nodes=ALL Default=YES MaxTime=INFINITE State=UP" >>"$CONF"
+  # FORCE:2: two jobs may share a core, so the tests' three tiny jobs run side by side
+  echo "PartitionName=ci Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:2" >>"$CONF"
 }
 
 start_munge() {
@@ -141,7 +142,7 @@ up() {
     SLURM_CONF=$CONF slurmd -N "$(node_name $i)"
   done
   wait_idle 60
-  say "up in $((SECONDS - t0)) s: slurm $(slurmd -V | awk '{print $2}'), $NODES node(s) x $(nproc) CPUs, SLURM_CONF=$CONF"
+  say "up in $((SECONDS - t0)) s: slurm $(slurmd -V | awk '{print $2}'), $NODES node(s) x $(getconf _NPROCESSORS_ONLN) CPUs, SLURM_CONF=$CONF"
 }
 
 stop_pid() {  # stop_pid PIDFILE: TERM, then KILL after 10 s
