@@ -40,19 +40,34 @@ import torch
 
 from . import __version__
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .client import (LocalState, SharedUpdate, images_to_tensor, new_local_state,
-                     run_averaging_round, run_local_round)
-from .config import DEFAULT_PRESET, RunConfig, load_config, to_dict, to_json
+from .client import (
+    LocalState,
+    SharedUpdate,
+    images_to_tensor,
+    new_local_state,
+    run_averaging_round,
+    run_local_round,
+)
+from .config import DEFAULT_PRESET, RunConfig, load_config, to_json
 from .datasets import data_root as resolve_data_root
 from .errors import AlignFLError, ConfigError, MessageError
-from .messages import (Bye, DecoderUpdate, GlobalModel, Progress, Ready, RemoteError,
-                       StartInstruction, Stop, Tag, TrainInstruction)
+from .messages import (
+    Bye,
+    DecoderUpdate,
+    GlobalModel,
+    Progress,
+    Ready,
+    RemoteError,
+    StartInstruction,
+    Stop,
+    Tag,
+    TrainInstruction,
+)
 from .private import client_private_dir, ensure_private
 from .progress import CLIENT_MIN_INTERVAL_S, ProgressDisplay, ProgressTable, StepReporter
 from .results import RESULTS_NAME, ResultsWriter
 from .runlock import RunLock
-from .schema import (CHECKPOINT_NAME, client_sizes, read_client, read_partition_info,
-                     read_split)
+from .schema import CHECKPOINT_NAME, client_sizes, read_client, read_partition_info, read_split
 
 log = logging.getLogger("alignfl_mpi")
 
@@ -129,11 +144,12 @@ def _toml_str(text: str) -> str:
 
 def partition_path(cfg: RunConfig) -> Path:
     """The configured partition file, or the default one under the data root."""
-    from .partition import PartitionRequest, default_partition_path
+    from .partition import default_partition_path
 
     if cfg.data.partition:
         return Path(cfg.data.partition)
-    return default_partition_path(partition_request(cfg), resolve_data_root(cfg.data.data_root or None))
+    root = resolve_data_root(cfg.data.data_root or None)
+    return default_partition_path(partition_request(cfg), root)
 
 
 def partition_request(cfg: RunConfig) -> Any:
@@ -747,7 +763,6 @@ class Server:
             entry["unsolicited"] = int(entry.get("unsolicited", 0)) + 1
             return
         was_round = self.busy.pop(c)
-        late = was_round != r
         entry: dict[str, Any] = {"message_bytes": rcv.nbytes}
         if c in self.asked_at:
             entry["answer_s"] = time.perf_counter() - self.asked_at.pop(c)
@@ -877,7 +892,8 @@ class Server:
                                        for k, v in e.decoder.state_dict().items()},
                              "prior": self.state._prior_arrays(e)}
         self.writer.write_final(
-            global_state={k: v.detach().cpu().numpy() for k, v in self.state.vae.state_dict().items()},
+            global_state={k: v.detach().cpu().numpy()
+                          for k, v in self.state.vae.state_dict().items()},
             global_spec=self.state.spec.to_dict(), decoders=decoders)
 
 

@@ -1,14 +1,13 @@
 """End to end: the real CLI under mpiexec on a tiny real-MNIST partition, results read back."""
 
-import json
 import subprocess
 
 import numpy as np
 import pytest
+from mpi_helpers import find_mpiexec, run_cli
 
 from alignfl_mpi.results import load
 from alignfl_mpi.schema import read_partition_info
-from mpi_helpers import find_mpiexec, run_cli
 
 pytestmark = pytest.mark.skipif(find_mpiexec() is None, reason="no mpiexec available")
 

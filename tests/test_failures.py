@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mpi_helpers import MPI_SCRIPTS, _run_group, find_mpiexec, mpiexec_flags
+from test_mpi_runtime import tiny_partition, write_config
 
 from alignfl_mpi.results import load
 from alignfl_mpi.runlock import RunLock
-from mpi_helpers import MPI_SCRIPTS, _run_group, find_mpiexec, mpiexec_flags, run_cli
-from test_mpi_runtime import tiny_partition, write_config
 
 pytestmark = [pytest.mark.mpi,
               pytest.mark.skipif(find_mpiexec() is None, reason="no mpiexec available")]

@@ -22,8 +22,15 @@ from hypothesis import strategies as st
 from alignfl_mpi.client import model_spec
 from alignfl_mpi.config import load_config
 from alignfl_mpi.errors import MessageError
-from alignfl_mpi.messages import (ALLOWED_DTYPES, DecoderUpdate, Message, Tag, decode_message,
-                                  encode_message, parse_payload)
+from alignfl_mpi.messages import (
+    ALLOWED_DTYPES,
+    DecoderUpdate,
+    Message,
+    Tag,
+    decode_message,
+    encode_message,
+    parse_payload,
+)
 from alignfl_mpi.models import build_decoder
 from alignfl_mpi.prior import standard_normal_prior
 from alignfl_mpi.server import ServerState

@@ -11,10 +11,17 @@ import pytest
 import torch
 
 from alignfl_mpi.client import model_spec
-from alignfl_mpi.config import load_config, largest_message_bytes
+from alignfl_mpi.config import largest_message_bytes, load_config
 from alignfl_mpi.errors import ConfigError, MessageError
-from alignfl_mpi.messages import (DecoderUpdate, Message, RemoteError, Tag, decode_message,
-                                  encode_message, parse_payload)
+from alignfl_mpi.messages import (
+    DecoderUpdate,
+    Message,
+    RemoteError,
+    Tag,
+    decode_message,
+    encode_message,
+    parse_payload,
+)
 from alignfl_mpi.models import build_decoder
 from alignfl_mpi.prior import GaussianMixturePrior, standard_normal_prior
 from alignfl_mpi.runlock import RunLock

@@ -431,8 +431,8 @@ def test_decoder_update_rejects_non_finite_prior() -> None:
     [
         ({"round": ...}, "meta keys"),
         ({"extra": 1}, "meta keys"),
-        ({"round": -1}, "'round' must be an integer in 0\.\."),
-        ({"round": True}, "'round' must be an integer in 0\.\."),
+        ({"round": -1}, r"'round' must be an integer in 0\.\."),
+        ({"round": True}, r"'round' must be an integer in 0\.\."),
         ({"client_id": "3"}, "'client_id' must be"),
         ({"spec": [1]}, "'spec' must be an object"),
         ({"metrics": {"loss": "low"}}, "metric 'loss' must be a finite number"),

@@ -6,10 +6,10 @@ import subprocess
 
 import numpy as np
 import pytest
+from mpi_helpers import MPI_SCRIPTS, find_mpiexec, run_cli, run_mpi
 
 from alignfl_mpi.results import load
 from alignfl_mpi.schema import ClientData, write_partition
-from mpi_helpers import MPI_SCRIPTS, find_mpiexec, run_cli, run_mpi
 
 pytestmark = pytest.mark.skipif(find_mpiexec() is None, reason="no mpiexec available")
 
@@ -84,8 +84,9 @@ model = {arch = "conv", latent_dim = 4, hidden = [8, 16]}
 model = {arch = "mlp", latent_dim = 3, hidden = [48, 24, 12]}
 [[clients]]
 [[clients]]
-""".replace("[output]", "")) 
-    text = cfg.read_text().replace("final_drain_s = 60", "final_drain_s = 60\nround_deadline_s = 3.0")
+""".replace("[output]", ""))
+    text = cfg.read_text().replace("final_drain_s = 60",
+                                   "final_drain_s = 60\nround_deadline_s = 3.0")
     cfg.write_text(text)
     try:
         proc = run_mpi(MPI_SCRIPTS / "runtime_faults.py", n + 1, str(cfg), "6", timeout=240)
@@ -121,7 +122,7 @@ def test_world_size_mismatch_is_one_line(tmp_path):
     cfg = write_config(tmp_path / "c.toml", part, tmp_path / "run", n_clients=3)
     proc = launch(3, "run", "--config", str(cfg), timeout=120)
     assert proc.returncode != 0
-    lines = [l for l in proc.stderr.splitlines() if "error" in l]
+    lines = [line for line in proc.stderr.splitlines() if "error" in line]
     assert lines == ["alignfl-mpi: error: world size 3 does not match the config: 3 clients "
                      "need 4 ranks (mpiexec -n 4), or set n_clients = 2"], proc.stderr
     assert "Traceback" not in proc.stderr
@@ -171,7 +172,8 @@ def test_resume_equals_uninterrupted(tmp_path):
 def test_baselines_run_under_mpiexec(tmp_path, strategy):
     part = tiny_partition(tmp_path / "p.h5", n_clients=2)
     cfg = write_config(tmp_path / "c.toml", part, tmp_path / "run", n_clients=2, rounds=2)
-    proc = launch(3, "run", "--config", str(cfg), "--set", f"strategy={strategy!r}".replace("'", '"'))
+    proc = launch(3, "run", "--config", str(cfg), "--set",
+                  f"strategy={strategy!r}".replace("'", '"'))
     assert proc.returncode == 0, proc.stderr
     res = load(tmp_path / "run" / "results.h5")
     assert res.finished and res.config["strategy"] == strategy
@@ -187,7 +189,8 @@ def test_baselines_refuse_mixed_architectures(tmp_path):
     cfg = write_config(tmp_path / "c.toml", part, tmp_path / "run", n_clients=2,
                        extra='strategy = "fedavg"')
     text = cfg.read_text().replace('strategy = "fedavg"', "")
-    cfg.write_text('strategy = "fedavg"\n' + text + '\n[[clients]]\nmodel = {arch = "conv"}\n[[clients]]\n')
+    cfg.write_text('strategy = "fedavg"\n' + text
+                   + '\n[[clients]]\nmodel = {arch = "conv"}\n[[clients]]\n')
     proc = launch(3, "run", "--config", str(cfg), timeout=120)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "strategy 'fedavg' averages weights and needs every client to have the server's model" \

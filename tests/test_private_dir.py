@@ -7,13 +7,13 @@ import subprocess
 
 import pytest
 import torch
+from mpi_helpers import find_mpiexec, run_cli
+from test_failures import fast_config
 
 from alignfl_mpi.config import load_config
 from alignfl_mpi.errors import ConfigError
 from alignfl_mpi.private import client_private_dir, ensure_private
 from alignfl_mpi.results import load
-from mpi_helpers import find_mpiexec, run_cli
-from test_failures import fast_config
 
 
 def test_private_folder_is_0700_and_checked(tmp_path):

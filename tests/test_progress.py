@@ -7,12 +7,19 @@ import logging
 import subprocess
 
 import pytest
-
-from alignfl_mpi.errors import MessageError
-from alignfl_mpi.messages import Message, Progress, Tag, decode_message, encode_message, parse_payload
-from alignfl_mpi.progress import ProgressDisplay, ProgressTable, StepReporter
 from mpi_helpers import find_mpiexec, run_cli
 from test_failures import fast_config
+
+from alignfl_mpi.errors import MessageError
+from alignfl_mpi.messages import (
+    Message,
+    Progress,
+    Tag,
+    decode_message,
+    encode_message,
+    parse_payload,
+)
+from alignfl_mpi.progress import ProgressDisplay, ProgressTable, StepReporter
 
 
 def test_progress_message_roundtrip_and_bounds():

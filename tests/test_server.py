@@ -2,11 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from alignfl_mpi.client import build_update, new_local_state, run_local_round
+from alignfl_mpi.client import new_local_state, run_local_round
 from alignfl_mpi.config import ClientConfig, ModelConfig, load_config
 from alignfl_mpi.errors import MessageError
 from alignfl_mpi.messages import DecoderUpdate, decode_message, encode_message
-from alignfl_mpi.prior import fit_gmm
 from alignfl_mpi.server import ServerState, validate_update
 
 CPU = torch.device("cpu")
@@ -45,7 +44,8 @@ def test_update_contains_decoder_and_prior_only():
     payload = sum(a.nbytes for a in upd.state.values()) + sum(a.nbytes for a in upd.prior.values())
     # the wire carries the decoder and prior plus a small header: no room for 64 images
     assert len(wire) - payload < 4096 < 64 * 784
-    assert all(k.startswith(("state/", "prior/")) for k in decode_message(wire, max_bytes=2**30).tensors)
+    names = decode_message(wire, max_bytes=2**30).tensors
+    assert all(k.startswith(("state/", "prior/")) for k in names)
 
 
 def test_accept_sample_train_and_mixed_architectures():
@@ -131,7 +131,8 @@ def test_accept_full_averages_into_global():
     server.average_pending()
     name = next(iter(states[0]))
     np.testing.assert_allclose(server.vae.state_dict()[name].numpy(),
-                               0.25 * states[0][name] + 0.75 * states[1][name], rtol=1e-6, atol=1e-7)
+                               0.25 * states[0][name] + 0.75 * states[1][name],
+                               rtol=1e-6, atol=1e-7)
     bad = dict(states[0])
     with pytest.raises(MessageError, match="differs from the global model"):
         server.accept_full(0, spec={**server.spec.to_dict(), "latent_dim": 3}, state=bad,

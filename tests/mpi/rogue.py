@@ -31,8 +31,17 @@ from mpi4py import MPI  # noqa: E402
 
 from alignfl_mpi.client import model_spec  # noqa: E402
 from alignfl_mpi.config import load_config  # noqa: E402
-from alignfl_mpi.messages import (Bye, DecoderUpdate, Message, Ready, RemoteError, Tag,  # noqa: E402
-                                  decode_message, encode_message, parse_payload)
+from alignfl_mpi.messages import (  # noqa: E402
+    Bye,
+    DecoderUpdate,
+    Message,
+    Ready,
+    RemoteError,
+    Tag,
+    decode_message,
+    encode_message,
+    parse_payload,
+)
 from alignfl_mpi.models import build_decoder  # noqa: E402
 from alignfl_mpi.prior import standard_normal_prior  # noqa: E402
 from alignfl_mpi.transport import node_local  # noqa: E402
