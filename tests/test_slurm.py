@@ -15,6 +15,8 @@ Three tiny runs (2 clients, 3 rounds, one partition and config) are submitted to
   which the script requeues itself.
 
 The interrupted runs must resume after round 1 and end bit-for-bit equal to ``single``.
+A fourth job, ``timer``, has SLURM's own ``--signal=B:TERM@55`` timer (with ``--time=1``)
+fire on a stand-in program that sleeps: the script must requeue itself.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ HARNESS = REPO / ".ci" / "slurm.sh"
 SINGLE = REPO / "slurm" / "alignfl_single_node.sbatch"
 MULTI = REPO / "slurm" / "alignfl_multi_node.sbatch"
 BINDING = Path(__file__).resolve().parent / "slurm" / "show_binding.sh"
+SLEEP_ONCE = Path(__file__).resolve().parent / "slurm" / "sleep_once.sh"
 VENV_BIN = Path(sys.executable).parent
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                 "BOOT_FAIL", "DEADLINE"}
@@ -288,6 +291,8 @@ def runs(cluster, tmp_path_factory):
         submit("single", SINGLE, TINY)
         submit("requeued", SINGLE, TINY, LAUNCHER="mpiexec")
         submit("preempted", MULTI, TWO_NODES)
+        submit("timer", SINGLE, [*TINY, "--time=1", "--signal=B:TERM@55"],
+               ALIGNFL=str(SLEEP_ONCE))
         for name, action in (("requeued", ["scontrol", "requeue"]),
                              ("preempted", ["scancel", "--batch", "--signal=TERM"])):
             job = jobs[name]
@@ -360,6 +365,16 @@ def test_multi_node_script_sigterm_in_round_2_requeues_itself_and_resumes_bit_fo
     # the allocation spans both slurmd of this host
     assert info["NumNodes"] == "2" and info["NodeList"] == "ci[1-2]", info
     assert_resumed_after_round_1(runs, "preempted", info, text)
+
+
+def test_signal_timer_makes_the_script_requeue_itself(runs):
+    """SLURM checks time limits every 30 s: the signal due 5 s after the start comes by ~35 s."""
+    job = runs.jobs["timer"]
+    info = job.wait(runs.deadline)
+    text = job.log()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, text)
+    assert "SIGTERM: requeueing job" in text and "sleep_once: restart 1, done" in text, text
+    assert "\r" not in text and "\x1b" not in text, text
 
 
 def test_srun_lists_pmi2(cluster):
