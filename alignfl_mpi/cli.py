@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DP mode of finite-epsilon runs (default: the config's, else full)")
     p.add_argument("--np", type=int, default=6, help="ranks per run (n_clients + 1)")
     p.add_argument("--out", "-o", default="runs/sweep", help="folder of the runs")
-    p.add_argument("--launcher", default="mpiexec", help='MPI launcher, e.g. "srun --mpi=pmix"')
+    p.add_argument("--launcher", default="mpiexec", help='MPI launcher, e.g. "srun --mpi=pmi2"')
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override for every run")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")

@@ -313,6 +313,9 @@ class ClientLoop:
             ccfg = self.cfg.client_config(self.client_id)
             if self.cfg.output.checkpoint or self.resume:
                 ensure_private(self.ckpt_dir)
+            if not self.resume:  # a fresh run: no older run's checkpoints may be mixed in
+                for old in self.ckpt_dir.glob("round_*.ckpt"):
+                    old.unlink()
             device = pick_device(ccfg.device, local_rank=self.local_rank)
             part = read_client(partition_path(self.cfg), self.client_id)
             self.data = images_to_tensor(part.images)
@@ -341,14 +344,16 @@ class ClientLoop:
 
     def client_round(self, instruction: TrainInstruction) -> None:
         r = instruction.round
+        if self.resume and self.setup_error is None and self.state is not None:
+            # outside the try: a client that cannot resume would go on from fresh weights
+            # and silently spoil the resumed run, so it ends the job (ClientLoop.run)
+            self._load_checkpoint(before_round=r)
+            self.state.extra["total_rounds"] = self.cfg.rounds  # --rounds may have changed
+            self.resume = False
         try:
             if self.setup_error is not None:
                 raise self.setup_error
             assert self.state is not None and self.data is not None
-            if self.resume:
-                self._load_checkpoint(before_round=r)
-                self.state.extra["total_rounds"] = self.cfg.rounds  # --rounds may have changed
-                self.resume = False
             interval = min(CLIENT_MIN_INTERVAL_S, self.cfg.output.progress_interval_s / 2)
             with StepReporter(total=self._expected_steps(), min_interval_s=interval,
                               send=lambda done, total: self._send_progress(r, done, total)):

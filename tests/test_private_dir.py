@@ -72,3 +72,36 @@ def test_dp_secret_never_lands_in_the_run_folder(tmp_path):
         for secret in secrets:
             assert str(secret).encode() not in data, path
             assert secret.to_bytes(8, "little") not in data, path
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(find_mpiexec() is None, reason="no mpiexec available")
+def test_fresh_run_drops_stale_private_checkpoints_and_resume_needs_them(tmp_path):
+    import shutil
+
+    cfg, out = fast_config(tmp_path, n_clients=2, rounds=3, output="png = false")
+    cfg.write_text(cfg.read_text().replace("checkpoint = false", ""))
+    private = f'client.private_dir="{tmp_path / "private"}"'
+
+    def run(*extra):
+        try:
+            return run_cli(3, "run", "--config", str(cfg), "--set", private, *extra, timeout=240)
+        except subprocess.TimeoutExpired as exc:
+            pytest.fail(f"run hung\n{exc.stderr}")
+
+    assert run().returncode == 0
+    shutil.rmtree(out)  # the run folder is gone; the clients' private folders are not
+    assert run("--rounds", "1").returncode == 0
+    folder = client_private_dir(str(tmp_path / "private"), str(out), 0)
+    assert sorted(p.name for p in folder.glob("*.ckpt")) == ["round_0001.ckpt"]
+    proc = run("--resume", "--rounds", "2")
+    assert proc.returncode == 0, proc.stderr
+    res = load(out / "results.h5")
+    assert res.finished and [list(res.clients[c]["status"]) for c in (0, 1)] == [["ok"] * 2] * 2
+    for ckpt in client_private_dir(str(tmp_path / "private"), str(out), 1).glob("*.ckpt"):
+        ckpt.unlink()
+    proc = run("--resume", "--rounds", "3")  # client 1 cannot resume: the job ends
+    assert proc.returncode != 0
+    assert "client 1: AlignFLError: client 1: no checkpoint in" in proc.stderr
+    res = load(out / "results.h5")
+    assert res.rounds == [1, 2] and not res.finished  # round 3 never recorded
