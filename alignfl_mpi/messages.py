@@ -480,7 +480,7 @@ def _short(value: Any, limit: int = 80) -> str:
     """``repr(value)`` cut to ``limit`` characters (safe for any JSON value).
 
     >>> _short("x" * 100, 10)
-    "'xxxxxxxxx..."
+    "'xxxxxxxx..."
     """
     try:
         text = repr(value)

@@ -30,10 +30,22 @@ import h5py
 import numpy as np
 
 from . import __version__
-from .errors import ConfigError, SchemaError
-from .schema import (CONFIG_ATTR, FINAL, RESULTS_KIND, RESULTS_SCHEMA_VERSION, ROUND_CLIENTS,
-                     ROUND_EVAL, ROUND_SERVER, ROUND_SYNTHETIC, ROUND_TIMINGS, ROUNDS,
-                     _decode_attr, _open, atomic_h5_path)
+from .errors import ConfigError
+from .schema import (
+    CONFIG_ATTR,
+    FINAL,
+    RESULTS_KIND,
+    RESULTS_SCHEMA_VERSION,
+    ROUND_CLIENTS,
+    ROUND_EVAL,
+    ROUND_SERVER,
+    ROUND_SYNTHETIC,
+    ROUND_TIMINGS,
+    ROUNDS,
+    _decode_attr,
+    _open,
+    atomic_h5_path,
+)
 
 RESULTS_NAME = "results.h5"
 #: Client attributes that hold a round number (renumbered when reading version 1).

@@ -87,7 +87,7 @@ def grid(epsilons: list[float], lips: list[float]) -> list[Setting]:
     for lip in lips:
         if lip < 0:
             raise ConfigError(f"--lip must be >= 0, got {lip}")
-    return [Setting(e, l) for e in epsilons for l in lips]
+    return [Setting(e, lip) for e in epsilons for lip in lips]
 
 
 def _status(results: Path) -> str:

@@ -83,3 +83,31 @@ def real_root(tmp_path_factory) -> Path:
     import_dataset(src / "mnist", name="mnist", root=root)
     import_dataset(src / "fashion-mnist", name="fashion-mnist", root=root)
     return root
+
+
+# --- markers: `pytest -m "not mpi and not slow"` is the fast inner loop -------------------
+collect_ignore_glob = ["mpi/*.py", "slurm/*"]  # launched by the tests, never imported
+
+_LAUNCHES = ("run_cli(", "run_mpi(", "launch(", "rogue_cmd(", "_run_group(", "sbatch")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark tests that launch ranks (``mpi``) or need the real datasets (``real_data``).
+
+    A test is ``mpi`` when its body calls one of the launch helpers; explicit marks (``slow``,
+    ``slurm``) stay in the test files.
+    """
+    import inspect
+
+    for item in items:
+        if "real_root" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.real_data)
+        function = getattr(item, "function", None)
+        if function is None:
+            continue
+        try:
+            source = inspect.getsource(function)
+        except (OSError, TypeError):
+            continue
+        if any(call in source for call in _LAUNCHES):
+            item.add_marker(pytest.mark.mpi)

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, real_datasets_dir, write_idx_folder
 
 

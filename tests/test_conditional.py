@@ -23,7 +23,8 @@ def test_conditional_vae_takes_labels():
         vae(x)
     # the label changes the output: the decoder is really conditioned
     z = torch.zeros(2, 2)
-    assert not torch.allclose(vae.decode(z, torch.tensor([0, 0])), vae.decode(z, torch.tensor([1, 1])))
+    assert not torch.allclose(vae.decode(z, torch.tensor([0, 0])),
+                              vae.decode(z, torch.tensor([1, 1])))
     conv = build_vae(ModelSpec(arch="conv", latent_dim=3, hidden=(4, 8), n_classes=11))
     assert conv(x, y)[0].shape == (4, 1, 28, 28)
 
@@ -73,9 +74,10 @@ def test_conditional_refuses_dp():
 
 
 def test_reference_classifiers(tmp_path):
+    from test_mpi_runtime import tiny_partition
+
     from alignfl_mpi.reference import centralized, fedavg_classifier
     from alignfl_mpi.results import load
-    from test_mpi_runtime import tiny_partition
 
     part = tiny_partition(tmp_path / "p.h5", n_clients=3, n_per_client=60)
     accs = centralized(part, out=tmp_path / "c", epochs=3)

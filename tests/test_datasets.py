@@ -2,12 +2,18 @@ import gzip
 
 import numpy as np
 import pytest
-
-from alignfl_mpi.datasets import (encode_idx, guess_dataset, import_dataset, load_dataset,
-                                  parse_idx, read_dataset_folder, DATASETS)
-from alignfl_mpi.errors import DataError
-
 from conftest import write_idx_folder
+
+from alignfl_mpi.datasets import (
+    DATASETS,
+    encode_idx,
+    guess_dataset,
+    import_dataset,
+    load_dataset,
+    parse_idx,
+    read_dataset_folder,
+)
+from alignfl_mpi.errors import DataError
 
 
 def test_parse_idx_roundtrip_3d():

@@ -9,12 +9,12 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from mpi_helpers import find_mpiexec
 
 from alignfl_mpi.client import new_local_state, run_averaging_round
 from alignfl_mpi.config import ClientConfig, LipschitzConfig, ModelConfig, PrivacyConfig
 from alignfl_mpi.models import ModelSpec, build_vae
 from alignfl_mpi.privacy import LOCAL_ONLY_METRICS, PrivacyLedger
-from mpi_helpers import find_mpiexec
 
 CPU = torch.device("cpu")
 HIDDEN = (16, 8)

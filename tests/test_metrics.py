@@ -10,6 +10,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from conftest import write_idx_folder
 
 from alignfl_mpi import metrics
 from alignfl_mpi.datasets import load_dataset
@@ -27,8 +28,6 @@ from alignfl_mpi.metrics import (
     sqrtm_psd,
     train_feature_net,
 )
-
-from conftest import write_idx_folder
 
 
 def gaussian(n: int, mean: np.ndarray, cov: np.ndarray, seed: int) -> np.ndarray:

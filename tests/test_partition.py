@@ -5,8 +5,13 @@ import pytest
 from alignfl_mpi.datasets import load_dataset
 from alignfl_mpi.errors import ConfigError, SchemaError
 from alignfl_mpi.partition import PartitionRequest, make_partition, split_clients
-from alignfl_mpi.schema import (OUTLIER_LABEL, SCHEMA_VERSION, read_client, read_partition_info,
-                                read_split)
+from alignfl_mpi.schema import (
+    OUTLIER_LABEL,
+    SCHEMA_VERSION,
+    read_client,
+    read_partition_info,
+    read_split,
+)
 
 
 def _split(root, **kw):
@@ -33,8 +38,9 @@ def test_class_pairs_classes_counts_and_outliers(tiny_root):
         assert int(c.outlier.sum()) == (25 if k == 2 else 0)
     c = clients[2]
     assert (c.labels[c.outlier] == OUTLIER_LABEL).all()
-    np.testing.assert_array_equal(c.images[c.outlier], other.train_images[c.source_index[c.outlier]])
-    np.testing.assert_array_equal(c.images[~c.outlier], main.train_images[c.source_index[~c.outlier]])
+    src = c.source_index
+    np.testing.assert_array_equal(c.images[c.outlier], other.train_images[src[c.outlier]])
+    np.testing.assert_array_equal(c.images[~c.outlier], main.train_images[src[~c.outlier]])
 
 
 def test_class_pairs_caps_at_available(tiny_root):
@@ -118,7 +124,8 @@ def test_schema_validation_errors(tiny_root, tmp_path):
     out = tmp_path / "p.h5"
     make_partition(PartitionRequest(dataset="tiny", n_clients=2, params={"per_class": 5},
                                     n_outliers=0), output=out, root=tiny_root)
-    with pytest.raises(SchemaError, match="partition has 2 clients but the run is configured for 5"):
+    with pytest.raises(SchemaError,
+                       match="partition has 2 clients but the run is configured for 5"):
         read_partition_info(out, expected_clients=5)
     with h5py.File(out, "a") as f:
         f["clients/1/labels"][...] = 0

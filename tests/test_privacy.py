@@ -18,21 +18,21 @@ from alignfl_mpi.models import ModelSpec, build_vae, vae_loss
 from alignfl_mpi.prior import GaussianMixturePrior, fit_gmm, standard_normal_prior
 from alignfl_mpi.privacy import (
     CALIBRATION_RTOL,
+    RDP_ALPHAS_FULL_BATCH,
     PerSampleClipper,
     PrivacyLedger,
     PrivacyPlan,
     PrivateTrainer,
-    RDP_ALPHAS_FULL_BATCH,
     calibrate_noise,
     clip_factors,
     dp_fit_gmm,
     epsilon_spent,
     joint_epsilon,
     make_clip_rule,
+    noisy_prior_statistics,
     per_sample_vae_loss,
     plan_privacy,
     prior_radius,
-    noisy_prior_statistics,
     prior_statistics,
     validate_privacy,
 )

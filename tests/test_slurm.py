@@ -35,9 +35,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from test_mpi_runtime import tiny_partition
 
 from alignfl_mpi.results import load
-from test_mpi_runtime import tiny_partition
 
 pytestmark = pytest.mark.slurm
 
