@@ -2,8 +2,12 @@ import json
 
 import pytest
 
-from alignfl_mpi.config import (RunConfig, apply_override, load_config, parse_override, to_dict,
-                                to_json)
+from alignfl_mpi.config import (
+    RunConfig,
+    load_config,
+    parse_override,
+    to_json,
+)
 from alignfl_mpi.errors import ConfigError
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import doctest
-import math
 
 import numpy as np
 import pytest
@@ -185,7 +184,8 @@ def test_reconstruction_error_perfect_and_constant_decoder():
     got = reconstruction_error(_StandInVAE(constant_decoder=True), images, batch_size=2)
     assert got == pytest.approx(expected, rel=1e-5)
     all_black = np.zeros((3, 28, 28), dtype=np.uint8)
-    assert reconstruction_error(_StandInVAE(constant_decoder=True), all_black) == pytest.approx(196.0)
+    constant = _StandInVAE(constant_decoder=True)
+    assert reconstruction_error(constant, all_black) == pytest.approx(196.0)
 
 
 def test_evaluate_vae_combines_metrics():

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import re
 import dataclasses
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +12,14 @@ from pathlib import Path
 import pytest
 
 from alignfl_mpi.cli import build_parser
-from alignfl_mpi.config import (DEFAULT_PRESET, PRESET_DIR, available_presets, load_config,
-                                preset_path, to_dict)
+from alignfl_mpi.config import (
+    DEFAULT_PRESET,
+    PRESET_DIR,
+    available_presets,
+    load_config,
+    preset_path,
+    to_dict,
+)
 from alignfl_mpi.errors import ConfigError
 from alignfl_mpi.runtime import resolve_config
 
@@ -111,5 +117,6 @@ def test_bad_prior_fit_on_is_refused(override, where):
     extra = ["n_clients=2", "data.outlier_client=0"]
     if override.startswith("clients"):
         extra.append('clients.0.device="cpu"')
-    with pytest.raises(ConfigError, match=re.escape(where) + r"': unknown value .*choose one of: z, mu"):
+    pattern = re.escape(where) + r"': unknown value .*choose one of: z, mu"
+    with pytest.raises(ConfigError, match=pattern):
         load_config(overrides=[*extra, override], preset="paper")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_mpi_runtime import tiny_partition
 
 from alignfl_mpi.cli import main
 from alignfl_mpi.config import load_config
 from alignfl_mpi.reference import centralized_vae
 from alignfl_mpi.results import load
-from test_mpi_runtime import tiny_partition
 
 SMALL = ["server.model.hidden=[64, 32]", "server.batch_size=32"]
 
