@@ -9,7 +9,8 @@ from mpi_helpers import find_mpiexec, run_cli
 from alignfl_mpi.results import load
 from alignfl_mpi.schema import read_partition_info
 
-pytestmark = pytest.mark.skipif(find_mpiexec() is None, reason="no mpiexec available")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(find_mpiexec() is None, reason="no mpiexec available")]
 
 CONFIG = """
 rounds = 2

@@ -213,6 +213,7 @@ def rogue_cmd(cfg: Path, mode: str, marker: Path) -> list[str]:
             str(MPI_SCRIPTS / "rogue.py"), str(cfg), mode, str(marker), ":", "-n", "1", *run]
 
 
+@pytest.mark.slow
 def test_rogue_rank_is_rejected_and_others_finish(tmp_path):
     rounds = len(ROGUE_REASONS) + 2  # one round per class as the answer, then all at once
     cfg, out = fast_config(tmp_path, n_clients=3, rounds=rounds,

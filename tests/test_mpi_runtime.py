@@ -73,6 +73,7 @@ def launch(n, *args, timeout=180, **kw):
         pytest.fail(f"mpiexec -n {n} {' '.join(args)} hung\n{exc.output}\n{exc.stderr}")
 
 
+@pytest.mark.slow
 def test_faults_mixed_architectures_and_stragglers(tmp_path):
     n = 4
     part = tiny_partition(tmp_path / "p.h5", n_clients=n)
