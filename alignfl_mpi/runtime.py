@@ -27,6 +27,7 @@ reason naming its rank. STOP is answered by BYE; the server waits at most
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -552,6 +553,7 @@ class Server:
         self.state = ServerState(cfg, device=self.device)
         self.start_round = 0
         if self.resume:
+            self._check_resumed_config()
             self.start_round = self._load_server_checkpoint()
         attrs = {"partition": str(path), "n_clients": self.n, "world_size": self.n + 1,
                  "partition_attrs": {k: self.partition.attrs[k] for k in
@@ -565,6 +567,28 @@ class Server:
         self.writer.set_attrs(self.evaluator.attrs())
         log.info("server on %s, device %s; %d clients, %d rounds, partition %s",
                  socket.gethostname(), self.device, self.n, cfg.rounds, path)
+
+    def _check_resumed_config(self) -> None:
+        """Refuse ``--resume`` with settings other than the run's own (``rounds`` may grow).
+
+        Raises:
+            ConfigError: A key differs from the config stored in the results file.
+        """
+        if not self.results_path.exists():
+            return
+        from .results import load
+
+        stored = _flatten(load(self.results_path).config)
+        now = _flatten(json.loads(to_json(self.cfg)))  # as stored: tuples become lists
+        changed = [k for k in sorted(set(stored) | set(now))
+                   if stored.get(k) != now.get(k) and not _may_change_on_resume(k)]
+        if changed:
+            shown = ", ".join(f"{k} ({now.get(k)!r} now, {stored.get(k)!r} stored)"
+                              for k in changed[:4])
+            more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+            raise ConfigError(f"--resume: the settings differ from the run's own in {shown}"
+                              f"{more}; resume with the run's settings (its --preset, --config "
+                              "and --set) or start a new run with another --output")
 
     def _load_server_checkpoint(self) -> int:
         """Restore the server from its checkpoint; returns the round to continue with.
@@ -910,3 +934,36 @@ def _exc_info() -> tuple[BaseException, str]:
     exc = sys.exc_info()[1]
     assert exc is not None
     return exc, "".join(traceback.format_exception(exc))
+
+
+RESUME_MAY_CHANGE = ("rounds", "data.data_root", "data.partition", "output.", "server.device",
+                     "client.device", "clients.", "server.round_deadline_s",
+                     "server.final_drain_s", "server.start_timeout_s", "server.stop_timeout_s",
+                     "client.private_dir")
+"""Config keys (prefixes) that a resumed run may set differently: where things are and how
+long to wait, never what is computed."""
+
+
+def _may_change_on_resume(key: str) -> bool:
+    if key.startswith("clients.") and not key.endswith((".device", ".private_dir")):
+        return False
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in RESUME_MAY_CHANGE)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists of tables get their index.
+
+    >>> _flatten({"a": {"b": 1}, "c": [{"d": 2}]})
+    {'a.b': 1, 'c.0.d': 2}
+    """
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    if isinstance(tree, list) and tree and all(isinstance(v, dict) for v in tree):
+        out = {}
+        for i, v in enumerate(tree):
+            out.update(_flatten(v, f"{prefix}{i}."))
+        return out
+    return {prefix[:-1]: tree}

@@ -162,6 +162,13 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert rb.rounds == [1, 2, 3]
     np.testing.assert_array_equal(ra.eval["latent_accuracy"], rb.eval["latent_accuracy"])
     np.testing.assert_array_equal(ra.clients[1]["loss"], rb.clients[1]["loss"])
+    # resuming with other settings than the run's own is refused, nothing is lost
+    before = (tmp_path / "short" / "results.h5").read_bytes()
+    proc = launch(3, "run", "--config", str(short), "--resume", "--set", "server.epochs=3")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert ("--resume: the settings differ from the run's own in server.epochs (3 now, 1 "
+            "stored)") in proc.stderr, proc.stderr
+    assert (tmp_path / "short" / "results.h5").read_bytes() == before
     # a new run into an existing results directory is refused, nothing is lost
     before = (tmp_path / "full" / "results.h5").read_bytes()
     proc = launch(3, "run", "--config", str(full))
