@@ -10,7 +10,8 @@
 # Scaled down from the paper's setting: ROUNDS (default 3) rounds of LOCAL_EPOCHS (default 2)
 # local epochs instead of 10; everything else (5 clients in class pairs, 6000 per class,
 # 600 cross-domain outliers on client 0, the MLP VAE with latent_dim 2, 1000 samples per
-# client) is the default. Finished runs are skipped, so a rerun continues.
+# client) is the default `paper` preset of `alignfl-mpi run`. Finished runs are skipped, so a
+# rerun continues.
 set -euo pipefail
 DATASET=${1:-mnist}
 NP=${NP:-6}
