@@ -499,8 +499,8 @@ class Server:
                 fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} rank 0 on "
                          f"{socket.gethostname()}:\n{tb_text}\n")
             where = f"; traceback in {path}"
-        except OSError:
-            log.debug("%s", tb_text)
+        except OSError:  # no run folder to keep it in: the traceback goes to stderr
+            log.error("%s", tb_text.rstrip())
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         kind = "" if isinstance(exc, AlignFLError) else f"{type(exc).__name__}: "
         kept = ""
