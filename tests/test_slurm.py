@@ -35,7 +35,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from test_mpi_runtime import tiny_partition
+from test_mpi_runtime import tiny_partition, write_config
 
 from alignfl_mpi.results import load
 
@@ -171,29 +171,11 @@ def cluster(tmp_path_factory):
 
 # --- the three runs -------------------------------------------------------------------------
 def _config(path: Path, partition: Path) -> Path:
-    # 40 local epochs: rounds long enough (about a second) to be interrupted inside round 2
-    path.write_text(f"""
-rounds = 3
-n_clients = 2
-seed = 3
-[data]
-partition = "{partition}"
-[client]
-local_epochs = 40
-batch_size = 32
-prior_components = 2
-device = "cpu"
-[client.model]
-hidden = [32, 16, 8]
-[server]
-samples_per_client = 32
-epochs = 1
-batch_size = 32
-final_drain_s = 60
-device = "cpu"
-[server.model]
-hidden = [32, 16, 8]
-""")
+    """The MPI tests' tiny config (the scripts' ``--output`` replaces its run folder), with
+    40 local epochs: rounds long enough (about a second) to be interrupted inside round 2."""
+    write_config(path, partition, path.parent / "unused", n_clients=2, rounds=3)
+    text = path.read_text().replace("local_epochs = 1\n", "local_epochs = 40\n")
+    path.write_text(text.replace("final_drain_s = 60\n", "final_drain_s = 60\ndevice = \"cpu\"\n"))
     return path
 
 
