@@ -41,14 +41,12 @@ import traceback as traceback_module
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
 from alignfl_mpi.errors import MessageError
 
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    import torch
 
 __all__ = [
     "ALLOWED_DTYPES",
@@ -66,11 +64,9 @@ __all__ = [
     "Stop",
     "Tag",
     "TrainInstruction",
-    "arrays_to_state_dict",
     "decode_message",
     "encode_message",
     "parse_payload",
-    "state_dict_to_arrays",
 ]
 
 MAGIC = b"AFL1"
@@ -1001,51 +997,3 @@ def parse_payload(tag: Tag, msg: Message) -> Payload:
     Stop(reason='done')
     """
     return PAYLOAD_TYPES[Tag(tag)].from_message(msg)
-
-
-# --------------------------------------------------------------------------- torch helpers
-
-
-def state_dict_to_arrays(state_dict: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """Copy a PyTorch state dict into NumPy arrays (on the CPU, detached).
-
-    Args:
-        state_dict: For example ``decoder.state_dict()``.
-
-    Returns:
-        Arrays in the same order, independent of the module's memory.
-
-    Raises:
-        TypeError: If an entry is not a tensor or has a dtype NumPy cannot hold (bfloat16).
-    """
-    import torch
-
-    arrays: dict[str, np.ndarray] = {}
-    for name, tensor in state_dict.items():
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"state dict entry {name!r} is a {type(tensor).__name__}, not a tensor")
-        try:
-            arrays[name] = tensor.detach().cpu().numpy().copy()
-        except TypeError:
-            raise TypeError(
-                f"state dict entry {name!r} has dtype {tensor.dtype}, which NumPy cannot hold; "
-                "use float32"
-            ) from None
-    return arrays
-
-
-def arrays_to_state_dict(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """Turn NumPy arrays back into CPU tensors for ``module.load_state_dict``.
-
-    Args:
-        arrays: For example :attr:`DecoderUpdate.state`.
-
-    Returns:
-        Tensors in the same order; each owns a copy of its data.
-    """
-    import torch
-
-    return {
-        name: torch.from_numpy(np.array(array, copy=True, order="C"))
-        for name, array in arrays.items()
-    }

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from alignfl_mpi.errors import MessageError
+from alignfl_mpi.arrays import arrays_to_state, state_arrays
 from alignfl_mpi.messages import (
     ALLOWED_DTYPES,
     MAGIC,
@@ -20,11 +21,9 @@ from alignfl_mpi.messages import (
     Stop,
     Tag,
     TrainInstruction,
-    arrays_to_state_dict,
     decode_message,
     encode_message,
     parse_payload,
-    state_dict_to_arrays,
 )
 
 LIMIT = 64 * 2**20
@@ -236,12 +235,12 @@ def test_remote_error_qualifies_non_builtin_types() -> None:
 def test_state_dict_helpers_roundtrip() -> None:
     torch = pytest.importorskip("torch")
     module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
-    arrays = state_dict_to_arrays(module.state_dict())
+    arrays = state_arrays(module.state_dict())
     assert list(arrays) == list(module.state_dict())
     assert arrays["1.num_batches_tracked"].dtype == np.int64
     arrays["0.weight"][0, 0] = 123.0  # a copy: the module is untouched
     assert module.state_dict()["0.weight"][0, 0].item() != 123.0
-    tensors = arrays_to_state_dict(roundtrip(Message(kind="s", tensors=arrays)).tensors)
+    tensors = arrays_to_state(roundtrip(Message(kind="s", tensors=arrays)).tensors)
     fresh = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
     fresh.load_state_dict(tensors)
     assert torch.equal(fresh.state_dict()["0.weight"], torch.from_numpy(arrays["0.weight"]))
@@ -250,7 +249,7 @@ def test_state_dict_helpers_roundtrip() -> None:
 def test_state_dict_helpers_reject_bfloat16() -> None:
     torch = pytest.importorskip("torch")
     with pytest.raises(TypeError, match="bfloat16"):
-        state_dict_to_arrays({"w": torch.zeros(2, dtype=torch.bfloat16)})
+        state_arrays({"w": torch.zeros(2, dtype=torch.bfloat16)})
 
 
 # --------------------------------------------------------------------------- encode errors
