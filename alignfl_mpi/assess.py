@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .arrays import images_to_tensor
 from .client import round_seed
 from .config import RunConfig
 from .evaluation import evaluate_vae, save_image_grid
@@ -87,7 +88,7 @@ def reconstruct(vae: torch.nn.Module, images: np.ndarray, *, device: torch.devic
     (``labels`` for a conditional VAE)."""
     was_training = vae.training
     vae.eval()
-    x = torch.from_numpy(images).unsqueeze(1).float().div(255.0).to(device)
+    x = images_to_tensor(images).to(device)
     y = None if labels is None else torch.from_numpy(labels).to(device)
     out = []
     for i in range(0, len(x), 1024):
@@ -206,7 +207,7 @@ class RoundEvaluator:
         """Accuracy of a digit classifier on the real test set."""
         was_training = classifier.training
         classifier.eval()
-        x = torch.from_numpy(self.test_images).unsqueeze(1).float().div(255.0)
+        x = images_to_tensor(self.test_images)
         pred = torch.cat([classifier(x[i:i + 2048].to(self.device)).argmax(1).cpu()
                           for i in range(0, len(x), 2048)])
         classifier.train(was_training)

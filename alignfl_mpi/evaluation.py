@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .arrays import to_uint8_images
+
 __all__ = [
     "encode_latents",
     "evaluate_vae",
@@ -242,31 +244,6 @@ def _concat_rows(parts: list[np.ndarray]) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------ images
-
-
-def to_uint8_images(x: ImageBatch) -> np.ndarray:
-    """Convert images to ``(N, H, W)`` uint8: floats in [0, 1] are clipped and rounded.
-
-    Args:
-        x: ``(N, H, W)`` or ``(N, 1, H, W)`` array or tensor, float in [0, 1]
-            or already uint8 (returned unchanged apart from the channel axis).
-
-    Returns:
-        A uint8 array ``(N, H, W)``.
-
-    >>> to_uint8_images(np.array([[[-0.1, 0.5, 1.2]]])).tolist()
-    [[[0, 128, 255]]]
-    """
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    x = np.asarray(x)
-    if x.ndim == 4 and x.shape[1] == 1:
-        x = x[:, 0]
-    if x.ndim != 3:
-        raise ValueError(f"images must be (N, H, W) or (N, 1, H, W), got {x.shape}")
-    if x.dtype == np.uint8:
-        return x
-    return np.floor(np.clip(x.astype(np.float64), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
 def image_grid_array(

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .arrays import images_to_tensor
 from .client import model_spec, round_seed
 from .config import RunConfig, to_dict
 from .results import RESULTS_NAME, ResultsWriter
@@ -37,10 +38,6 @@ from .schema import TEST, read_client, read_partition_info, read_split
 from .server import average_states
 
 log = logging.getLogger(__name__)
-
-
-def _tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).unsqueeze(1).float().div(255.0)
 
 
 def train_epochs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
@@ -76,7 +73,7 @@ def _client_sets(partition: Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
     for k in range(n):
         c = read_client(partition, k)
         keep = ~c.outlier
-        sets.append((_tensor(c.images[keep]), torch.from_numpy(c.labels[keep])))
+        sets.append((images_to_tensor(c.images[keep]), torch.from_numpy(c.labels[keep])))
     return sets
 
 
@@ -99,7 +96,7 @@ def centralized(partition: Path, *, out: Path, epochs: int = 5, seed: int = 0,
     x = torch.cat([s[0] for s in sets])
     y = torch.cat([s[1] for s in sets])
     test_x, test_y = read_split(partition, TEST)
-    tx = _tensor(test_x)
+    tx = images_to_tensor(test_x)
     net = _new_net(seed)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     writer = _writer(out, {"strategy": "centralized", "epochs": epochs, "seed": seed,
@@ -123,7 +120,7 @@ def fedavg_classifier(partition: Path, *, out: Path, rounds: int = 5, local_epoc
     """FedAvg of the classifier over the partition's clients; test accuracy per round."""
     sets = _client_sets(partition)
     test_x, test_y = read_split(partition, TEST)
-    tx = _tensor(test_x)
+    tx = images_to_tensor(test_x)
     global_net = _new_net(seed)
     writer = _writer(out, {"strategy": "fedavg-classifier", "rounds": rounds,
                            "client": {"local_epochs": local_epochs}, "seed": seed}, partition)
