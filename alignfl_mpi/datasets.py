@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
+from .fileio import atomic_dir
 
 #: Environment variable that overrides the default data root (``./data``).
 DATA_ROOT_ENV = "ALIGNFL_DATA_ROOT"
@@ -293,19 +294,9 @@ def import_dataset(source: str | os.PathLike, *, name: str | None = None,
     info = get_info(name)
     dataset = read_dataset_folder(source, info)
     files = _dataset_files(source)
-    dest_root = data_root(root)
-    dest_root.mkdir(parents=True, exist_ok=True)
-    dest = dest_root / info.name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{info.name}-", dir=dest_root))
-    try:
+    with atomic_dir(data_root(root) / info.name) as tmp:
         for path in files.values():
             shutil.copyfile(path, tmp / path.name)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return dataset
 
 

@@ -38,7 +38,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,6 +49,7 @@ from torch import nn
 
 from .datasets import Dataset, data_root, load_dataset
 from .evaluation import unit_images
+from .fileio import atomic_path
 
 __all__ = [
     "FEATURE_NET_DIR",
@@ -319,19 +319,6 @@ def _file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _weights_bytes(model: nn.Module) -> bytes:
     """The state dict as ``torch.save`` bytes, independent of any file name.
 
@@ -420,10 +407,11 @@ def load_or_train_feature_net(
     net.meta.update(dataset=dataset, source_sha256=dict(data.sha256), file=path.name,
                     test_accuracy=net.accuracy(data.test_images, data.test_labels))
     weights = _weights_bytes(net.model)
-    _write_atomic(path, weights)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(weights)
     net.meta["sha256"] = hashlib.sha256(weights).hexdigest()
-    _write_atomic(path.with_suffix(".json"),
-                  json.dumps(net.meta, indent=2, sort_keys=True).encode())
+    with atomic_path(path.with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps(net.meta, indent=2, sort_keys=True))
     log.info("feature net: saved %s (test accuracy %.4f, %.1f s)", path, net.test_accuracy,
              net.meta["train_seconds"])
     return net

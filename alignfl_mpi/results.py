@@ -31,6 +31,7 @@ import numpy as np
 
 from . import __version__
 from .errors import ConfigError
+from .fileio import atomic_path
 from .schema import (
     CONFIG_ATTR,
     FINAL,
@@ -44,7 +45,6 @@ from .schema import (
     ROUNDS,
     _decode_attr,
     _open,
-    atomic_h5_path,
 )
 
 RESULTS_NAME = "results.h5"
@@ -113,21 +113,15 @@ class ResultsWriter:
             if self.path.exists():
                 raise ConfigError(f"{self.path} already exists; pass --resume to continue that "
                                   "run or choose another --output directory")
-            final, tmp = atomic_h5_path(self.path)
-            try:
-                with h5py.File(tmp, "w") as f:
-                    _set_attrs(f, dict(attrs, schema_version=RESULTS_SCHEMA_VERSION,
-                                       kind=RESULTS_KIND,
-                                       package_version=__version__, status="running",
-                                       rounds_completed=0,
-                                       created=_dt.datetime.now(_dt.timezone.utc)
-                                       .isoformat(timespec="seconds")))
-                    f.attrs[CONFIG_ATTR] = config_json
-                    f.create_group(ROUNDS)
-                os.replace(tmp, final)
-            finally:
-                if tmp.exists():
-                    tmp.unlink()
+            with atomic_path(self.path) as tmp, h5py.File(tmp, "w") as f:
+                _set_attrs(f, dict(attrs, schema_version=RESULTS_SCHEMA_VERSION,
+                                   kind=RESULTS_KIND,
+                                   package_version=__version__, status="running",
+                                   rounds_completed=0,
+                                   created=_dt.datetime.now(_dt.timezone.utc)
+                                   .isoformat(timespec="seconds")))
+                f.attrs[CONFIG_ATTR] = config_json
+                f.create_group(ROUNDS)
         else:
             _open(self.path, RESULTS_KIND).close()
 
@@ -146,15 +140,10 @@ class ResultsWriter:
             self._update(drop)
 
     def _update(self, fn: Callable[[h5py.File], None]) -> None:
-        final, tmp = atomic_h5_path(self.path)
-        try:
-            shutil.copyfile(final, tmp)
+        with atomic_path(self.path) as tmp:
+            shutil.copyfile(self.path, tmp)
             with h5py.File(tmp, "a") as f:
                 fn(f)
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
 
     def write_round(self, round_: int, *, clients: dict[int, dict[str, Any]],
                     server: dict[str, Any], evaluation: dict[str, Any],

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import h5py
 import numpy as np
 
 from .errors import SchemaError
+from .fileio import atomic_path
 
 SCHEMA_VERSION = 1                  # partition files
 #: Results files: 2 numbers rounds from 1 (``/rounds/0001`` is the first round); 1 from 0.
@@ -63,18 +63,6 @@ def _json_attr(value: Any) -> str:
     return json.dumps(value, sort_keys=True)
 
 
-def atomic_h5_path(path: str | os.PathLike) -> tuple[Path, Path]:
-    """Return ``(final, temporary)`` paths for writing an HDF5 file atomically."""
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
-    return final, Path(tmp)
-
-
 @dataclass(frozen=True)
 class ClientData:
     """One client's partition group."""
@@ -110,36 +98,31 @@ def write_partition(path: str | os.PathLike, *, clients: list[ClientData],
 
     ``attrs`` holds the experiment attributes; dict and list values are stored as JSON.
     """
-    final, tmp = atomic_h5_path(path)
-    try:
-        with h5py.File(tmp, "w") as f:
-            root = dict(attrs, schema_version=SCHEMA_VERSION, kind=PARTITION_KIND,
-                        n_clients=len(clients),
-                        client_sizes=[int(len(c.labels)) for c in clients])
-            for key, value in root.items():
-                f.attrs[key] = _json_attr(value) if isinstance(value, (dict, list)) else value
-            group = f.create_group(CLIENTS)
-            for c in clients:
-                g = group.create_group(str(c.client_id))
-                g.create_dataset(IMAGES, data=c.images, compression="gzip", compression_opts=4,
-                                 chunks=(min(len(c.images), 1024) or 1, *c.images.shape[1:]))
-                g.create_dataset(LABELS, data=c.labels.astype(np.int64))
-                g.create_dataset(OUTLIER, data=c.outlier.astype(bool))
-                g.create_dataset(SOURCE_INDEX, data=c.source_index.astype(np.int64))
-                g.attrs["n_samples"] = len(c.labels)
-                g.attrs["n_outliers"] = int(c.outlier.sum())
-                g.attrs["n_in_domain"] = int((~c.outlier).sum())
-                g.attrs["classes"] = _json_attr(sorted(int(x) for x in
-                                                       np.unique(c.labels[~c.outlier])))
-            for name, imgs, lbls in ((TEST, test_images, test_labels),
-                                     (OUTLIER_TEST, outlier_test_images, outlier_test_labels)):
-                g = f.create_group(name)
-                g.create_dataset(IMAGES, data=imgs, compression="gzip", compression_opts=4)
-                g.create_dataset(LABELS, data=lbls.astype(np.int64))
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    final = Path(path)
+    with atomic_path(final) as tmp, h5py.File(tmp, "w") as f:
+        root = dict(attrs, schema_version=SCHEMA_VERSION, kind=PARTITION_KIND,
+                    n_clients=len(clients),
+                    client_sizes=[int(len(c.labels)) for c in clients])
+        for key, value in root.items():
+            f.attrs[key] = _json_attr(value) if isinstance(value, (dict, list)) else value
+        group = f.create_group(CLIENTS)
+        for c in clients:
+            g = group.create_group(str(c.client_id))
+            g.create_dataset(IMAGES, data=c.images, compression="gzip", compression_opts=4,
+                             chunks=(min(len(c.images), 1024) or 1, *c.images.shape[1:]))
+            g.create_dataset(LABELS, data=c.labels.astype(np.int64))
+            g.create_dataset(OUTLIER, data=c.outlier.astype(bool))
+            g.create_dataset(SOURCE_INDEX, data=c.source_index.astype(np.int64))
+            g.attrs["n_samples"] = len(c.labels)
+            g.attrs["n_outliers"] = int(c.outlier.sum())
+            g.attrs["n_in_domain"] = int((~c.outlier).sum())
+            g.attrs["classes"] = _json_attr(sorted(int(x) for x in
+                                                   np.unique(c.labels[~c.outlier])))
+        for name, imgs, lbls in ((TEST, test_images, test_labels),
+                                 (OUTLIER_TEST, outlier_test_images, outlier_test_labels)):
+            g = f.create_group(name)
+            g.create_dataset(IMAGES, data=imgs, compression="gzip", compression_opts=4)
+            g.create_dataset(LABELS, data=lbls.astype(np.int64))
     return final
 
 
