@@ -30,12 +30,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .arrays import images_to_tensor
-from .client import model_spec, round_seed
+from .arrays import arrays_to_state, images_to_tensor, state_arrays
+from .client import model_spec
 from .config import RunConfig, to_dict
+from .models import build_vae, vae_loss
 from .results import RESULTS_NAME, ResultsWriter
 from .schema import TEST, read_client, read_partition_info, read_split
+from .seeds import Role, derive_seed
 from .server import average_states
+from .training import last_epoch, train_minibatches
 
 log = logging.getLogger(__name__)
 
@@ -43,20 +46,38 @@ log = logging.getLogger(__name__)
 def train_epochs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                  y: torch.Tensor, *, epochs: int, batch_size: int, seed: int) -> float:
     """Cross-entropy minibatch training; returns the last epoch's mean loss."""
-    gen = torch.Generator().manual_seed(seed)
+    def loss_fn(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        return loss, {"loss": loss}
+
     model.train()
-    loss_sum = 0.0
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=gen)
-        loss_sum = 0.0
-        for start in range(0, len(x), batch_size):
-            idx = order[start:start + batch_size]
-            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.item() * len(idx)
-    return loss_sum / max(1, len(x))
+    history = train_minibatches(optimizer, len(x), loss_fn, epochs=epochs,
+                                batch_size=batch_size,
+                                generator=torch.Generator().manual_seed(seed))
+    return last_epoch(history, ("loss",))["loss"]
+
+
+def train_vae_epoch(vae: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                    *, batch_size: int, kl_weight: float, seed: int,
+                    device: torch.device) -> dict[str, float]:
+    """One epoch of the server's VAE training (``models.vae_loss``) on ``x``.
+
+    ``seed`` seeds the shuffling and the global torch RNG (the reparameterisation noise).
+
+    Returns:
+        The epoch's mean ``loss``, ``recon`` and ``kl``.
+    """
+    def loss_fn(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        batch = x[idx].to(device, non_blocking=True)
+        recon, mu, logvar = vae(batch)
+        loss, rec, kl = vae_loss(recon, batch, mu, logvar, kl_weight=kl_weight)
+        return loss, {"loss": loss, "recon": rec, "kl": kl}
+
+    torch.manual_seed(seed)
+    vae.train()
+    history = train_minibatches(optimizer, len(x), loss_fn, epochs=1, batch_size=batch_size,
+                                generator=torch.Generator().manual_seed(seed))
+    return last_epoch(history, ("loss", "recon", "kl"))
 
 
 @torch.no_grad()
@@ -104,13 +125,13 @@ def centralized(partition: Path, *, out: Path, epochs: int = 5, seed: int = 0,
     accs = []
     for e in range(epochs):
         loss = train_epochs(net, opt, x, y, epochs=1, batch_size=batch_size,
-                            seed=round_seed(seed, 0, e))
+                            seed=derive_seed(seed, Role.REFERENCE_TRAIN, e))
         accs.append(accuracy(net, tx, test_y))
         writer.write_round(e, clients={}, server={"loss": loss, "n_train": float(len(x))},
                            evaluation={"task_accuracy": accs[-1]}, timings={})
         log.info("centralized epoch %d/%d | loss %.4f | task acc %.4f", e + 1, epochs, loss,
                  accs[-1])
-    writer.write_final(global_state={k: v.numpy() for k, v in net.state_dict().items()},
+    writer.write_final(global_state=state_arrays(net),
                        global_spec={"arch": "lenet"}, decoders={})
     return accs
 
@@ -132,17 +153,17 @@ def fedavg_classifier(partition: Path, *, out: Path, rounds: int = 5, local_epoc
             net.load_state_dict(global_net.state_dict())
             opt = torch.optim.Adam(net.parameters(), lr=1e-3)
             loss = train_epochs(net, opt, x, y, epochs=local_epochs, batch_size=batch_size,
-                                seed=round_seed(seed, 1 + k, r))
-            states.append({n: v.detach().numpy() for n, v in net.state_dict().items()})
+                                seed=derive_seed(seed, Role.REFERENCE_CLIENT, k, r))
+            states.append(state_arrays(net))
             weights.append(float(len(x)))
             clients[k] = {"status": "ok", "loss": loss, "n_samples": float(len(x))}
         avg = average_states(states, weights)
-        global_net.load_state_dict({n: torch.from_numpy(v) for n, v in avg.items()})
+        global_net.load_state_dict(arrays_to_state(avg))
         accs.append(accuracy(global_net, tx, test_y))
         writer.write_round(r, clients=clients, server={"n_averaged": float(len(sets))},
                            evaluation={"task_accuracy": accs[-1]}, timings={})
         log.info("fedavg-classifier round %d/%d | task acc %.4f", r + 1, rounds, accs[-1])
-    writer.write_final(global_state={k: v.numpy() for k, v in global_net.state_dict().items()},
+    writer.write_final(global_state=state_arrays(global_net),
                        global_spec={"arch": "lenet"}, decoders={})
     return accs
 
@@ -160,9 +181,7 @@ def centralized_vae(partition: Path, cfg: RunConfig, *, out: Path, epochs: int =
         The evaluation of every epoch (``latent_accuracy``, ``latent_f1``,
         ``recon_error``, ``latent_var_<d>``, ``latent_var_min_ratio``).
     """
-    from .client import train_epochs as train_vae_epochs
     from .evaluation import evaluate_vae
-    from .models import build_vae
 
     s = cfg.server
     sets = _client_sets(partition)
@@ -170,7 +189,7 @@ def centralized_vae(partition: Path, cfg: RunConfig, *, out: Path, epochs: int =
     test_x, test_y = read_split(partition, TEST)
     spec = model_spec(s.model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(round_seed(seed, 0, 0))
+    torch.manual_seed(derive_seed(seed, Role.SERVER_INIT))  # the global VAE's first weights
     vae = build_vae(spec).to(device)
     opt = torch.optim.Adam(vae.parameters(), lr=s.lr)
     config = {"strategy": "centralized-vae", "rounds": epochs, "seed": seed,
@@ -178,11 +197,8 @@ def centralized_vae(partition: Path, cfg: RunConfig, *, out: Path, epochs: int =
     writer = _writer(out, config, partition)
     history = []
     for e in range(epochs):
-        rs = round_seed(seed, 0, e + 1)
-        torch.manual_seed(rs)
-        terms = train_vae_epochs(vae, opt, x, epochs=1, batch_size=s.batch_size,
-                                 kl_weight=s.kl_weight, generator=torch.Generator().manual_seed(rs),
-                                 device=device)
+        terms = train_vae_epoch(vae, opt, x, batch_size=s.batch_size, kl_weight=s.kl_weight,
+                                seed=derive_seed(seed, Role.REFERENCE_TRAIN, e), device=device)
         metrics = {k: float(v) for k, v in evaluate_vae(vae, test_x, test_y, seed=42,
                                                         device=device).items()}
         history.append(metrics)
@@ -194,6 +210,6 @@ def centralized_vae(partition: Path, cfg: RunConfig, *, out: Path, epochs: int =
                  "recon %.3f | latent var min/max %.3f", e + 1, epochs, terms["loss"],
                  metrics["latent_accuracy"], metrics["latent_f1"], metrics["recon_error"],
                  metrics["latent_var_min_ratio"])
-    writer.write_final(global_state={k: v.cpu().numpy() for k, v in vae.state_dict().items()},
+    writer.write_final(global_state=state_arrays(vae),
                        global_spec=spec.to_dict(), decoders={})
     return history

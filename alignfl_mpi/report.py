@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .arrays import arrays_to_state
 from .errors import AlignFLError, ConfigError, SchemaError
 from .evaluation import encode_latents, save_image_grid
 from .models import ModelSpec, build_decoder, build_vae
@@ -576,8 +577,7 @@ def _timings(runs: Sequence[_Run], path: Path) -> Path:
 
 def _load_vae(spec: dict[str, Any], state: dict[str, np.ndarray]) -> torch.nn.Module:
     vae = build_vae(ModelSpec.from_dict(spec))
-    vae.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()},
-                        strict=True)
+    vae.load_state_dict(arrays_to_state(state), strict=True)
     return vae.eval()
 
 
@@ -593,8 +593,7 @@ def _samples(run: _Run, path: Path, notes: list[str]) -> Path:
         try:
             spec = ModelSpec.from_dict(d["spec"])
             decoder = build_decoder(spec)
-            decoder.load_state_dict({k: torch.from_numpy(np.asarray(v))
-                                     for k, v in d["state"].items()}, strict=True)
+            decoder.load_state_dict(arrays_to_state(d["state"]), strict=True)
             prior = GaussianMixturePrior.from_arrays(d["prior"], latent_dim=spec.latent_dim)
         except (AlignFLError, RuntimeError, KeyError) as exc:
             notes.append(f"samples_{run.name}.png: client {cid}'s decoder left out ({exc})")
