@@ -31,10 +31,10 @@ import numpy as np
 import torch
 
 from .arrays import images_to_tensor
-from .client import round_seed
 from .config import RunConfig
 from .evaluation import evaluate_vae, save_image_grid
 from .schema import OUTLIER_TEST, TEST, read_client, read_partition_info, read_split
+from .seeds import Role, derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,8 @@ class RoundEvaluator:
         out = {}
         for cid in sorted(state.registry):
             entry = state.registry[cid]
-            gen = torch.Generator().manual_seed(round_seed(self.cfg.seed, 998, round_) + cid)
+            gen = torch.Generator().manual_seed(
+                derive_seed(self.cfg.seed, Role.EVAL_LIPSCHITZ, round_, cid))
             z = entry.prior.sample(LIPSCHITZ_POINTS, generator=gen).to(self.device)
             if entry.class_weights is not None:  # conditional: over the whole input (z, label)
                 y = torch.multinomial(torch.from_numpy(entry.class_weights), LIPSCHITZ_POINTS,
@@ -254,7 +255,7 @@ class RoundEvaluator:
         """FID-LeNet and friends of the global VAE's samples and of the synthetic pool."""
         from .metrics import quality_report
 
-        gen = torch.Generator().manual_seed(round_seed(self.cfg.seed, 997, round_))
+        gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, Role.EVAL_QUALITY, round_))
         was_training = state.vae.training
         state.vae.eval()
         z = torch.randn(QUALITY_POINTS, state.spec.latent_dim, generator=gen).to(self.device)
@@ -277,7 +278,7 @@ class RoundEvaluator:
         """``global_rNNNN.png`` (global VAE from N(0, I)) and ``clients_rNNNN.png``
         (one row per stored client decoder, sampled from its prior)."""
         assert self.png_dir is not None
-        seed = round_seed(self.cfg.seed, 999, round_)
+        seed = derive_seed(self.cfg.seed, Role.EVAL_GRIDS, round_)
         gen = torch.Generator().manual_seed(seed)
         was_training = state.vae.training
         state.vae.eval()
