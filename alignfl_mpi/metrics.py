@@ -50,6 +50,7 @@ from torch import nn
 from .datasets import Dataset, data_root, load_dataset
 from .evaluation import unit_images
 from .fileio import atomic_path
+from .training import train_minibatches
 
 __all__ = [
     "FEATURE_NET_DIR",
@@ -281,17 +282,15 @@ def train_feature_net(
         torch.manual_seed(seed)
         model = LeNet(n_classes=n_classes, widths=widths).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
+
+    def loss_fn(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = nn.functional.cross_entropy(model(data[idx].to(device)),
+                                           targets[idx].to(device))
+        return loss, {}
+
     model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(data), generator=generator)
-        for start in range(0, len(data), batch_size):
-            idx = order[start:start + batch_size]
-            loss = nn.functional.cross_entropy(model(data[idx].to(device)),
-                                               targets[idx].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    train_minibatches(optimizer, len(data), loss_fn, epochs=epochs, batch_size=batch_size,
+                      generator=torch.Generator().manual_seed(seed))
     seconds = time.perf_counter() - start_time
     meta = {"n_classes": n_classes, "widths": [int(w) for w in widths],
             "feature_dim": model.head.in_features, "epochs": epochs, "seed": seed,

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .evaluation import unit_images as _unit_images
+from .training import train_minibatches
 
 __all__ = [
     "DomainClassifier",
@@ -186,21 +187,20 @@ def train_domain_classifier(
         torch.manual_seed(seed)
         model = _domain_network().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # the shuffling, then the blur draws
+
+    def loss_fn(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        batch = x[idx].to(device)
+        if blur_augment:
+            batch = _random_blur(batch, generator)
+        logits = model(batch).flatten()
+        loss = nn.functional.binary_cross_entropy_with_logits(
+            logits, y[idx].to(device), weight=w[idx].to(device))
+        return loss, {}
+
     model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=generator)
-        for start in range(0, len(x), batch_size):
-            idx = order[start:start + batch_size]
-            batch = x[idx].to(device)
-            if blur_augment:
-                batch = _random_blur(batch, generator)
-            logits = model(batch).flatten()
-            loss = nn.functional.binary_cross_entropy_with_logits(
-                logits, y[idx].to(device), weight=w[idx].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    train_minibatches(optimizer, len(x), loss_fn, epochs=epochs, batch_size=batch_size,
+                      generator=generator)
     classifier = DomainClassifier(model, device=device, n_train=len(x))
     per_class = [classifier.accuracy(d, np.full(len(d), lab)) for d, lab in held_parts if len(d)]
     classifier.heldout_accuracy = float(np.mean(per_class)) if per_class else float("nan")
