@@ -33,6 +33,7 @@ import torch
 from .arrays import images_to_tensor
 from .config import RunConfig
 from .evaluation import evaluate_vae, save_image_grid
+from .models import VAE
 from .schema import OUTLIER_TEST, TEST, read_client, read_partition_info, read_split
 from .seeds import Role, derive_seed
 
@@ -82,7 +83,7 @@ def reference_classifier(partition: str | Path, *, device: torch.device) -> Any:
 
 
 @torch.no_grad()
-def reconstruct(vae: torch.nn.Module, images: np.ndarray, *, device: torch.device,
+def reconstruct(vae: VAE, images: np.ndarray, *, device: torch.device,
                 labels: np.ndarray | None = None) -> np.ndarray:
     """Deterministic reconstructions decode(mu(x)) as float32 (N, 28, 28) in [0, 1]
     (``labels`` for a conditional VAE)."""
@@ -99,7 +100,7 @@ def reconstruct(vae: torch.nn.Module, images: np.ndarray, *, device: torch.devic
     return torch.cat(out).numpy()
 
 
-def client_outlier_survival(vae: torch.nn.Module, outliers: np.ndarray, classifier: Any, *,
+def client_outlier_survival(vae: VAE, outliers: np.ndarray, classifier: Any, *,
                             device: torch.device) -> float:
     """Share of a client's outliers whose reconstruction through its own VAE is still
     classified as outlier domain (computed on the client; only the number leaves)."""
@@ -151,7 +152,7 @@ class RoundEvaluator:
                      dataset, root / "feature_nets")
         net = load_or_train_feature_net(dataset, root=root, device=self.device)
         log.info("FID-LeNet feature network: test accuracy %.4f, sha256 %s",
-                 net.test_accuracy, net.sha256[:12])
+                 net.test_accuracy, (net.sha256 or "?")[:12])
         return net
 
     def attrs(self) -> dict[str, Any]:
@@ -192,8 +193,6 @@ class RoundEvaluator:
             state.vae, self.test_images, self.test_labels, device=self.device,
             seed=42).items()}
         per_client = self.lipschitz(state, round_=round_)
-        if state.classifier is not None:
-            metrics["task_accuracy"] = self.task_accuracy(state.classifier)
         if self.privacy and pool is not None:
             metrics.update(self.privacy_metrics(state, pool))
         if self.feature_net is not None:

@@ -45,7 +45,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 def rng_state() -> dict[str, Any]:
     """The global torch RNG states (CPU and, when present, CUDA)."""
-    state = {"torch": torch.get_rng_state()}
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state

@@ -17,8 +17,8 @@ latent dimension: a dimension the encoder does not use (a collapsed one) has a
 variance near 0.
 
 Everything else here is plain NumPy/PyTorch/PIL. The VAE is any ``nn.Module`` with
-``encode(x) -> (mu, logvar)`` and ``decode(z) -> images`` for images in [0, 1];
-it must already live on ``device``.
+``encode(x) -> (mu, logvar)`` and ``decode(z) -> images`` for images in [0, 1]
+(:class:`Autoencoder`); it must already live on ``device``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ from .arrays import to_uint8_images
 
 __all__ = [
     "encode_latents",
+    "Autoencoder",
     "evaluate_vae",
     "image_grid_array",
     "latent_classification",
@@ -48,6 +50,28 @@ _GRID_BACKGROUND = 255  # white padding between cells and behind row labels
 _LABEL_INK = 0  # black row-label text
 
 ImageBatch = np.ndarray | torch.Tensor
+
+
+class Autoencoder(Protocol):
+    """What the evaluation needs of a VAE (every model of :mod:`alignfl_mpi.models` is one)."""
+
+    training: bool
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mu, logvar)`` of a batch of images."""
+        ...
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] of a batch of latents."""
+        ...
+
+    def eval(self) -> object:
+        """Switch to eval mode."""
+        ...
+
+    def train(self, mode: bool = True) -> object:
+        """Switch to train mode (``mode``)."""
+        ...
 
 
 # ------------------------------------------------------------------------ metrics
@@ -118,7 +142,7 @@ def latent_variances(latents: np.ndarray) -> dict[str, float]:
 
 
 def encode_latents(
-    vae: torch.nn.Module,
+    vae: Autoencoder,
     images: ImageBatch,
     *,
     batch_size: int = 1024,
@@ -142,7 +166,7 @@ def encode_latents(
 
 
 def reconstruction_error(
-    vae: torch.nn.Module,
+    vae: Autoencoder,
     images: ImageBatch,
     *,
     batch_size: int = 1024,
@@ -166,7 +190,7 @@ def reconstruction_error(
 
 
 def evaluate_vae(
-    vae: torch.nn.Module,
+    vae: Autoencoder,
     images: ImageBatch,
     labels: np.ndarray,
     *,
@@ -197,7 +221,7 @@ def evaluate_vae(
 
 
 def _encoded_batches(
-    vae: torch.nn.Module,
+    vae: Autoencoder,
     images: ImageBatch,
     *,
     batch_size: int,
@@ -333,7 +357,7 @@ def _with_row_labels(grid: Image.Image, labels: list[str], *, n_rows: int, pad: 
     font = ImageFont.load_default()
     measure = ImageDraw.Draw(grid)
     boxes = [measure.textbbox((0, 0), text, font=font) for text in labels]
-    margin = max(box[2] - box[0] for box in boxes) + 2 * max(pad, 2)
+    margin = math.ceil(max(box[2] - box[0] for box in boxes)) + 2 * max(pad, 2)
     picture = Image.new("L", (grid.width + margin, grid.height), _GRID_BACKGROUND)
     picture.paste(grid, (margin, 0))
     draw = ImageDraw.Draw(picture)

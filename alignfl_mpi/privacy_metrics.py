@@ -441,7 +441,11 @@ def membership_auc(
     generated: ImageArray,
     members: ImageArray,
     nonmembers: ImageArray,
-    **kw: object,
+    *,
+    eps: float | None = None,
+    quantile: float = 0.01,
+    weighting: str = "log",
+    batch_size: int = 1024,
 ) -> float:
     """AUC of the Monte-Carlo attack: members against non-members, one shared ``eps``.
 
@@ -449,8 +453,7 @@ def membership_auc(
         generated: Samples of the generative model under attack.
         members: Records it was trained on.
         nonmembers: Records of the same distribution it never saw.
-        **kw: Passed to :func:`mc_attack_scores` (``eps``, ``quantile``, ``weighting``,
-            ``batch_size``).
+        eps, quantile, weighting, batch_size: As for :func:`mc_attack_scores`.
 
     Returns:
         The AUC: about 0.5 means the attack cannot tell members apart.
@@ -460,7 +463,8 @@ def membership_auc(
     if mem.shape[1:] != non.shape[1:]:
         raise ValueError(f"members {tuple(mem.shape[1:])} and non-members "
                          f"{tuple(non.shape[1:])} have different image shapes")
-    scores = mc_attack_scores(generated, torch.cat([mem, non]), **kw)
+    scores = mc_attack_scores(generated, torch.cat([mem, non]), eps=eps, quantile=quantile,
+                              weighting=weighting, batch_size=batch_size)
     return auc(scores[: len(mem)], scores[len(mem):])
 
 

@@ -45,7 +45,7 @@ import torch
 from .arrays import arrays_to_state
 from .errors import AlignFLError, ConfigError, SchemaError
 from .evaluation import encode_latents, save_image_grid
-from .models import ModelSpec, build_decoder, build_vae
+from .models import VAE, ModelSpec, build_decoder, build_vae
 from .prior import GaussianMixturePrior
 from .results import RESULTS_NAME, EpsilonSpent, Results, last_reported, load
 from .schema import OUTLIER_TEST, TEST, read_partition_info, read_split
@@ -575,7 +575,7 @@ def _timings(runs: Sequence[_Run], path: Path) -> Path:
     return _save(fig, path)
 
 
-def _load_vae(spec: dict[str, Any], state: dict[str, np.ndarray]) -> torch.nn.Module:
+def _load_vae(spec: dict[str, Any], state: dict[str, np.ndarray]) -> VAE:
     vae = build_vae(ModelSpec.from_dict(spec))
     vae.load_state_dict(arrays_to_state(state), strict=True)
     return vae.eval()
@@ -601,9 +601,9 @@ def _samples(run: _Run, path: Path, notes: list[str]) -> Path:
         gen = torch.Generator().manual_seed(SAMPLE_SEED + 1 + cid)
         rows.append(decoder.eval()(prior.sample(SAMPLES_PER_ROW, generator=gen)))
         labels.append(f"client {cid}")
-    spec, state = final
+    global_spec, global_state = final
     try:
-        vae = _load_vae(spec, state)
+        vae = _load_vae(global_spec, global_state)
     except (AlignFLError, RuntimeError) as exc:
         notes.append(f"samples_{run.name}.png: the global VAE left out ({exc})")
     else:
@@ -708,8 +708,8 @@ def _recorded_epsilons(runs: Sequence[_Run], notes: list[str]) -> list[float | N
     spent = [r.results.epsilon_spent() for r in runs]
     out: list[float | None] = [None] * len(runs)
     for group in seed_groups([r.results for r in runs]):
-        values = [_epsilon_value(spent[i]) for i in group]
-        if any(v is None for v in values):
+        values = [v for i in group if (v := _epsilon_value(spent[i])) is not None]
+        if len(values) < len(group):
             for i in group:
                 why = "not accounted" if not spent[i].accounted else "not recorded"
                 notes.append(f"privacy_utility.png: {runs[i].name} left out of the ε axis "
@@ -751,8 +751,9 @@ def _privacy_utility(runs: Sequence[_Run], path: Path, notes: list[str]) -> Path
     return _save(fig, path)
 
 
-def _privacy_panel(ax: Any, xs: list[float | None], groups: list[float | None],
-                   ys: list[float | None], *, group_label: str, epsilon_axis: bool) -> None:
+def _privacy_panel(ax: Any, xs: Sequence[float | None], groups: Sequence[float | None],
+                   ys: Sequence[float | None], *, group_label: str,
+                   epsilon_axis: bool) -> None:
     """Points and mean lines of ``ys`` against ``xs``, one line per group value.
 
     On the ε axis (log scale) ∞ sits a decade right of the largest finite ε; a λ_lip
@@ -903,7 +904,7 @@ def run_report(paths: Sequence[Path], *, out: Path, partition: Path | None = Non
 
     tables = _Doc()
     _headline_section(tables, head)
-    if comparison is not None:
+    if comparison is not None and base is not None:
         _comparison_section(tables, comparison, baseline=names[base])
     _detail_sections(tables, runs)
     summary = _Doc([("h", (1, "Summary")), *tables.blocks])

@@ -40,6 +40,7 @@ def fmt(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
     if isinstance(value, (float, np.floating)):
+        value = float(value)
         if math.isinf(value):
             return "∞" if value > 0 else "-∞"
         return f"{value:.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
@@ -148,7 +149,9 @@ def _client_rows(res: Results) -> tuple[list[str], list[list[str]]]:
         status = cols.get("status")
         last = str(status[-1]) if status is not None and len(status) and status[-1] else "—"
         ok = f"{int(sum(s == 'ok' for s in status))}/{len(status)}" if status is not None else "—"
-        meta = info.get(str(cid), info.get(cid, {})) if isinstance(info, dict) else {}
+        meta: dict[str, Any] = {}
+        if isinstance(info, dict):  # JSON keys are strings; older files may hold ints
+            meta = info.get(str(cid)) or info.get(cid) or {}
         samples = last_reported(cols.get("n_samples")) or meta.get("n_samples")
         eps = last_reported(cols.get("epsilon"))
         if eps is not None:
