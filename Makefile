@@ -40,10 +40,12 @@ demo: data
 	$(BIN)/alignfl-mpi report $(RUN_DIR) --out $(RUN_DIR)/report
 
 # The checks CI runs, in order: lint and import order, the import contracts (only the
-# transport imports mpi4py; see [importlinter] in setup.cfg), then the tests and doctests.
+# transport imports mpi4py; see [importlinter] in setup.cfg), the types ([mypy] in
+# setup.cfg), then the tests and doctests.
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
+	$(BIN)/mypy alignfl_mpi
 	PATH=$(abspath $(BIN)):$$PATH $(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The single-host test SLURM of tests/test_slurm.py (as root): apt-get install slurm-wlm munge
