@@ -29,7 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .errors import ConfigError
+from .models import build_vae, model_spec
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -250,10 +253,11 @@ class RunConfig:
 
     Attributes:
         seed: Seed of models, sampling and shuffling.
-        strategy: ``align-fl`` (share decoders, server trains on synthetic data), or the
-            baselines ``fedavg`` and ``fedprox`` (share the whole VAE, the server averages
-            weights; clients must all have the server's model).
-        fedprox_mu: FedProx proximal weight mu (loss + mu/2 ||w - w_global||^2).
+        strategy: A registered strategy (:data:`alignfl_mpi.strategies.STRATEGIES`):
+            ``align-fl`` (share decoders, the server trains on synthetic data) or a
+            baseline that shares the whole VAE and averages (``fedavg``, ``fedprox``, ...).
+        strategy_options: The strategy's own options (e.g. FedProx's ``mu``); each
+            strategy names the ones it takes and refuses any other.
         rounds: Federated rounds.
         n_clients: Number of clients; the world size must be ``n_clients + 1``.
         data: The partition.
@@ -265,7 +269,7 @@ class RunConfig:
 
     seed: int = 0
     strategy: str = "align-fl"
-    fedprox_mu: float = 0.01
+    strategy_options: dict[str, float] = field(default_factory=dict)
     rounds: int = 5
     n_clients: int = 5
     data: DataConfig = field(default_factory=DataConfig)
@@ -498,9 +502,6 @@ def check_prior_fit(cfg: RunConfig) -> None:
                       PRIOR_FIT_ON)
 
 
-STRATEGIES = ("align-fl", "fedavg", "fedprox")
-
-
 def _positive(where: str, value: float, *, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"config key {where!r} must be {'>= 0' if allow_zero else '> 0'}, "
@@ -510,15 +511,12 @@ def _positive(where: str, value: float, *, allow_zero: bool = False) -> None:
 def validate(cfg: RunConfig) -> None:
     """Value checks that types alone cannot express."""
     _positive("rounds", cfg.rounds)
-    _check_choice("strategy", cfg.strategy, STRATEGIES)
-    _positive("fedprox_mu", cfg.fedprox_mu, allow_zero=True)
-    if cfg.strategy != "align-fl":
-        for k in range(cfg.n_clients):
-            model = cfg.client_config(k).model
-            if model != cfg.server.model:
-                raise ConfigError(f"strategy {cfg.strategy!r} averages weights and needs every "
-                                  f"client to have the server's model; client {k} has "
-                                  f"{model} but server.model is {cfg.server.model}")
+    if not isinstance(cfg.strategy, str) or not cfg.strategy:
+        raise ConfigError("config key 'strategy' must name a strategy, e.g. \"align-fl\"")
+    for key, value in cfg.strategy_options.items():
+        if not math.isfinite(value):
+            raise ConfigError(f"config key 'strategy_options.{key}' must be a finite number, "
+                              f"got {value}")
     _positive("n_clients", cfg.n_clients)
     if cfg.clients and len(cfg.clients) != cfg.n_clients:
         raise ConfigError(f"config has {len(cfg.clients)} [[clients]] tables but n_clients = "
@@ -538,13 +536,6 @@ def validate(cfg: RunConfig) -> None:
         _positive(f"{where}.lipschitz.weight", c.lipschitz.weight, allow_zero=True)
         _positive(f"{where}.lipschitz.target", c.lipschitz.target)
         _check_model(f"{where}.model", c.model)
-        from .privacy import validate_private_client, validate_strategy_privacy  # lazy
-
-        validate_private_client(c)
-        validate_strategy_privacy(cfg.strategy, c, where=where)
-        if c.model.conditional and cfg.strategy != "align-fl":
-            raise ConfigError(f"{where}.model.conditional is supported by strategy 'align-fl' "
-                              f"only ({cfg.strategy!r} trains and averages without labels)")
         if c.model.conditional and (c.privacy.mode != "none" or c.lipschitz.weight > 0):
             raise ConfigError(f"{where}.model.conditional cannot be combined with DP or "
                               "lipschitz.weight > 0 (the label distribution and the "
@@ -559,7 +550,6 @@ def validate(cfg: RunConfig) -> None:
     _positive("server.start_timeout_s", s.start_timeout_s)
     _positive("server.stop_timeout_s", s.stop_timeout_s)
     _positive("output.progress_interval_s", cfg.output.progress_interval_s)
-    _check_message_limit(cfg)
     _check_device("server.device", s.device)
     _check_model("server.model", s.model)
     if not 0 <= cfg.data.outlier_client < cfg.n_clients:
@@ -581,16 +571,13 @@ MESSAGE_OVERHEAD_BYTES = 64 * 2**10
 """Room for a message's header (names, spec, metrics) on top of its tensor bytes."""
 
 
-def largest_message_bytes(cfg: RunConfig) -> tuple[int, str]:
+def largest_message_bytes(cfg: RunConfig, *, whole_model: bool) -> tuple[int, str]:
     """Upper bound on the largest message the configured run sends, and what it is.
 
-    ALIGN-FL clients send their decoder and prior; the averaging baselines send the whole
-    VAE both ways. Shapes come from the model zoo on the ``meta`` device (nothing built).
+    With ``whole_model=False`` (ALIGN-FL) clients send their decoder and prior; with
+    ``True`` (the averaging strategies) the whole VAE travels both ways. Shapes come from
+    the model zoo on the ``meta`` device (nothing built).
     """
-    import torch
-
-    from .client import model_spec
-    from .models import build_vae
 
     def vae_bytes(model: ModelConfig, *, whole: bool) -> int:
         with torch.device("meta"):
@@ -598,7 +585,7 @@ def largest_message_bytes(cfg: RunConfig) -> tuple[int, str]:
         module = vae if whole else vae.decoder
         return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
-    whole = cfg.strategy != "align-fl"
+    whole = whole_model
     best, what = 0, ""
     for k in range(cfg.n_clients):
         c = cfg.client_config(k)
@@ -613,9 +600,13 @@ def largest_message_bytes(cfg: RunConfig) -> tuple[int, str]:
     return best, what
 
 
-def _check_message_limit(cfg: RunConfig) -> None:
-    """Refuse a ``server.max_message_mb`` smaller than a message the run must send."""
-    need, what = largest_message_bytes(cfg)
+def check_message_limit(cfg: RunConfig, *, whole_model: bool) -> None:
+    """Refuse a ``server.max_message_mb`` smaller than a message the run must send.
+
+    Raises:
+        ConfigError: One line with the size needed.
+    """
+    need, what = largest_message_bytes(cfg, whole_model=whole_model)
     limit = cfg.server.max_message_mb * 2**20
     if need > limit:
         raise ConfigError(f"server.max_message_mb = {cfg.server.max_message_mb:g} is smaller "
@@ -631,8 +622,6 @@ def _check_choice(where: str, value: str, choices: tuple[str, ...]) -> None:
 
 def _check_model(where: str, model: ModelConfig) -> None:
     """Build the model-zoo spec now, so a bad model fails at start on every rank."""
-    from .client import model_spec
-
     try:
         model_spec(model)
     except ConfigError as exc:

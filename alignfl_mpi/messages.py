@@ -25,7 +25,7 @@ does not match the layout above raises :class:`~alignfl_mpi.errors.MessageError`
 one-line reason.
 
 The payload dataclasses (:class:`StartInstruction`, :class:`TrainInstruction`,
-:class:`DecoderUpdate`, :class:`RemoteError`, :class:`Stop`) each know their :class:`Tag`
+:class:`ClientUpdate`, :class:`RemoteError`, :class:`Stop`) each know their :class:`Tag`
 and convert to and from a :class:`Message`; ``from_message`` is the trust boundary and
 checks every field.
 """
@@ -47,7 +47,6 @@ import numpy as np
 
 from alignfl_mpi.errors import MessageError
 
-
 __all__ = [
     "ALLOWED_DTYPES",
     "Bye",
@@ -56,7 +55,8 @@ __all__ = [
     "Progress",
     "Ready",
     "GlobalModel",
-    "DecoderUpdate",
+    "UPDATE_KINDS",
+    "ClientUpdate",
     "Message",
     "Payload",
     "RemoteError",
@@ -650,18 +650,26 @@ class TrainInstruction:
         )
 
 
-@dataclass(frozen=True, kw_only=True, eq=False)
-class DecoderUpdate:
-    """Client to server: the decoder and latent prior after a round.
+UPDATE_KINDS = ("decoder", "model")
+"""What a :class:`ClientUpdate` carries: the decoder (ALIGN-FL) or the whole VAE."""
 
-    On the wire the state arrays are named ``state/<key>`` and the prior arrays
-    ``prior/<key>``, state first, each in insertion order.
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ClientUpdate:
+    """Client to server: what a client shares after a round.
+
+    ``kind`` says what ``state`` holds (:data:`UPDATE_KINDS`): ``"decoder"`` (ALIGN-FL:
+    the decoder only, with the client's latent prior) or ``"model"`` (the averaging
+    strategies: the whole VAE, encoder included). On the wire the state arrays are named
+    ``state/<key>`` and the prior arrays ``prior/<key>``, state first, each in insertion
+    order.
 
     Attributes:
         round: Round index the update belongs to.
-        client_id: The client's id (its rank in the usual layout).
-        spec: JSON-safe architecture dict from which the server rebuilds the decoder.
-        state: Decoder state dict as NumPy arrays.
+        client_id: The client's id.
+        spec: JSON-safe architecture dict from which the server rebuilds the model.
+        state: Decoder or whole-VAE state dict as NumPy arrays.
+        kind: ``"decoder"`` or ``"model"``.
         prior: Latent prior arrays (see :mod:`alignfl_mpi.prior`).
         metrics: Scalar training metrics of the round.
     """
@@ -675,6 +683,7 @@ class DecoderUpdate:
     client_id: int
     spec: dict[str, Any]
     state: dict[str, np.ndarray]
+    kind: str = "decoder"
     prior: dict[str, np.ndarray] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -687,21 +696,26 @@ class DecoderUpdate:
             "round": self.round,
             "client_id": self.client_id,
             "spec": self.spec,
+            "update_kind": self.kind,
             "metrics": metrics,
         }
         return Message(kind=self.KIND, meta=meta, tensors=tensors)
 
     @classmethod
-    def from_message(cls, msg: Message) -> DecoderUpdate:
+    def from_message(cls, msg: Message) -> ClientUpdate:
         """Check and convert a received message.
 
         Raises:
             MessageError: On missing or mistyped meta keys, a tensor without the ``state/`` or
                 ``prior/`` prefix, an empty state, non-numeric metrics, or NaN/Inf in any array.
         """
-        checks = {"round": _COUNT, "client_id": _COUNT, "spec": _DICT, "metrics": _DICT}
+        checks = {"round": _COUNT, "client_id": _COUNT, "spec": _DICT, "update_kind": _STR,
+                  "metrics": _DICT}
         meta = _check_meta(msg, cls.KIND, checks, tensors=True)
         where = f"update from client {meta['client_id']} for round {meta['round']}"
+        if meta["update_kind"] not in UPDATE_KINDS:
+            raise MessageError(f"{where}: unknown update kind {_short(meta['update_kind'])}; "
+                               f"expected one of {', '.join(UPDATE_KINDS)}")
         metrics = meta["metrics"]
         if len(metrics) > MAX_METRICS:
             raise MessageError(f"{where}: {len(metrics)} metrics, over the limit of {MAX_METRICS}")
@@ -725,12 +739,13 @@ class DecoderUpdate:
                 )
             _check_finite(array, where=where, name=name)
         if not state:
-            raise MessageError(f"{where}: the decoder state is empty")
+            raise MessageError(f"{where}: the {meta['update_kind']} state is empty")
         return cls(
             round=meta["round"],
             client_id=meta["client_id"],
             spec=meta["spec"],
             state=state,
+            kind=meta["update_kind"],
             prior=prior,
             metrics={k: float(v) for k, v in metrics.items()},
         )
@@ -962,14 +977,14 @@ class GlobalModel:
         return cls(round=meta["round"], state=dict(msg.tensors))
 
 
-Payload = (StartInstruction | TrainInstruction | DecoderUpdate | RemoteError | Stop | Ready
+Payload = (StartInstruction | TrainInstruction | ClientUpdate | RemoteError | Stop | Ready
            | GlobalModel | Bye | Progress)
 """Any payload dataclass."""
 
 PAYLOAD_TYPES: dict[Tag, type] = {
     Tag.START: StartInstruction,
     Tag.TRAIN: TrainInstruction,
-    Tag.UPDATE: DecoderUpdate,
+    Tag.UPDATE: ClientUpdate,
     Tag.ERROR: RemoteError,
     Tag.STOP: Stop,
     Tag.READY: Ready,

@@ -24,15 +24,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
 from alignfl_mpi.errors import ConfigError
 
+if TYPE_CHECKING:
+    from alignfl_mpi.config import ModelConfig
+
 __all__ = [
+    "CONDITIONAL_CLASSES",
     "KL_REDUCTIONS",
     "MODEL_REGISTRY",
     "ConvVAE",
@@ -42,6 +47,8 @@ __all__ = [
     "build_decoder",
     "build_vae",
     "decoder_state_shapes",
+    "latent_means",
+    "model_spec",
     "register_model",
     "vae_loss",
 ]
@@ -429,3 +436,27 @@ def vae_loss(
     kl_per_sample = kl_elements.sum(dim=1) if kl_reduction == "sum" else kl_elements.mean(dim=1)
     kl_term = kl_per_sample.mean()
     return recon_term + kl_weight * kl_term, recon_term, kl_term
+
+
+#: Labels a conditional VAE knows: the 10 classes and the outlier label 10.
+CONDITIONAL_CLASSES = 11
+
+
+def model_spec(cfg: ModelConfig) -> ModelSpec:
+    """The model-zoo spec of a ``[model]`` config table."""
+    return ModelSpec(arch=cfg.arch, latent_dim=cfg.latent_dim, hidden=tuple(cfg.hidden),
+                     spectral_norm=cfg.spectral_norm,
+                     n_classes=CONDITIONAL_CLASSES if cfg.conditional else 0)
+
+
+@torch.no_grad()
+def latent_means(vae: VAE, data: Tensor, *, device: torch.device, batch_size: int = 2048,
+                 labels: Tensor | None = None) -> np.ndarray:
+    """Encoder means of ``data`` as float64 numpy ``(N, D)``, in batches, in eval mode."""
+    was_training = vae.training
+    vae.eval()
+    out = [vae.encode(data[i:i + batch_size].to(device),
+                      None if labels is None else labels[i:i + batch_size].to(device))[0].cpu()
+           for i in range(0, len(data), batch_size)]
+    vae.train(was_training)
+    return torch.cat(out).double().numpy()

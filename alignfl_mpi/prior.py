@@ -17,6 +17,9 @@ import torch
 
 from alignfl_mpi.errors import MessageError
 
+#: Extra prior array of a conditional decoder: its label distribution ``(n_classes,)``.
+CLASS_WEIGHTS = "class_weights"
+
 __all__ = ["GaussianMixturePrior", "fit_gmm", "standard_normal_prior"]
 
 ARRAY_KEYS = ("weights", "means", "log_vars")
@@ -224,7 +227,7 @@ def fit_gmm(
     weights = np.full(means.shape[0], 1.0 / means.shape[0])
     prev_ll = -math.inf
     for _ in range(n_iter):
-        log_resp, log_lik = _e_step(x, weights, means, variances)
+        log_resp, log_lik = e_step(x, weights, means, variances)
         weights, means, variances, reseeded = _m_step(
             x, log_resp, log_lik, global_var=global_var, min_var=min_var
         )
@@ -262,7 +265,7 @@ def _log_gauss(x: np.ndarray, means: np.ndarray, variances: np.ndarray) -> np.nd
     return -0.5 * (np.maximum(sq, 0.0) + log_det + x.shape[1] * math.log(2 * math.pi))
 
 
-def _e_step(
+def e_step(
     x: np.ndarray, weights: np.ndarray, means: np.ndarray, variances: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return log-responsibilities ``(N, K)`` and per-sample log-likelihoods ``(N,)``."""

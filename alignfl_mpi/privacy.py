@@ -52,7 +52,9 @@ from torch.nn.utils import parametrize
 
 from .config import ClientConfig, PrivacyConfig
 from .errors import ConfigError
-from .prior import GaussianMixturePrior, _e_step, standard_normal_prior
+from .lipschitz import make_latent_penalty
+from .models import latent_means
+from .prior import GaussianMixturePrior, e_step, standard_normal_prior
 
 if TYPE_CHECKING:
     from .client import LocalState
@@ -86,7 +88,6 @@ __all__ = [
     "train_private_round",
     "validate_privacy",
     "validate_private_client",
-    "validate_strategy_privacy",
 ]
 
 log = logging.getLogger(__name__)
@@ -100,8 +101,6 @@ TOTAL_ROUNDS_KEY = "total_rounds"
 #: ``train_s`` is the wall time of the round, which depends on the realised (secret) Poisson
 #: batch sizes.
 LOCAL_ONLY_METRICS = ("loss", "recon", "kl", "penalty", "train_s")
-#: Strategies that share the whole VAE (encoder included) with an N(0, I) prior.
-AVERAGING_STRATEGIES = ("fedavg", "fedprox")
 #: EM iterations of the DP prior per round (each one is a Gaussian release).
 PRIOR_EM_ITERS = 3
 #: get_noise_multiplier stops within this fraction of the target epsilon (from below).
@@ -180,39 +179,6 @@ def validate_private_client(cfg: ClientConfig) -> None:
         raise ConfigError(
             f"model.spectral_norm with privacy.mode = {cfg.privacy.mode!r} is supported for "
             f"the mlp architecture only (got arch {cfg.model.arch!r})")
-
-
-def validate_strategy_privacy(strategy: str, cfg: ClientConfig, *, where: str = "client") -> None:
-    """Refuse the DP settings that a federated strategy cannot honour.
-
-    FedAvg and FedProx share the whole VAE, encoder included, with an N(0, I) prior
-    (:func:`alignfl_mpi.client.run_averaging_round`). So ``privacy.mode = "decoder"`` would
-    send a non-private encoder, and a ``dp`` prior would never be released. DP-FedAvg and
-    DP-FedProx therefore need ``mode = "full"`` and ``prior = "standard"``; they run the same
-    DP-SGD trainer and accountant as ALIGN-FL.
-
-    Raises:
-        ConfigError: One line naming the key and the fix.
-
-    >>> validate_strategy_privacy("fedavg", ClientConfig(privacy=PrivacyConfig(
-    ...     mode="full", prior="standard")))
-    >>> validate_strategy_privacy("fedavg", ClientConfig(privacy=PrivacyConfig(
-    ...     mode="decoder", prior="standard")))  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    alignfl_mpi.errors.ConfigError: strategy 'fedavg' shares the whole VAE, ...; use 'full'
-    """
-    if strategy not in AVERAGING_STRATEGIES or cfg.privacy.mode == "none":
-        return
-    if cfg.privacy.mode != "full":
-        raise ConfigError(
-            f"strategy {strategy!r} shares the whole VAE, encoder included: "
-            f"{where}.privacy.mode = {cfg.privacy.mode!r} would send a non-private encoder; "
-            "use 'full'")
-    if cfg.privacy.prior != "standard":
-        raise ConfigError(
-            f"strategy {strategy!r} shares the N(0, I) prior, so {where}.privacy.prior = "
-            f"{cfg.privacy.prior!r} would spend budget on nothing; set it to 'standard'")
 
 
 # --------------------------------------------------------------------------- accounting
@@ -1173,7 +1139,7 @@ def prior_statistics(latents: np.ndarray, weights: np.ndarray, means: np.ndarray
         Float64 ``(K + 2 K D,)``.
     """
     x = clip_to_ball(np.asarray(latents, dtype=np.float64), radius)
-    resp = np.exp(_e_step(x, weights, means, variances)[0])
+    resp = np.exp(e_step(x, weights, means, variances)[0])
     return np.concatenate([resp.sum(0), (resp.T @ x).ravel() / radius,
                            (resp.T @ x**2).ravel() / radius**2])
 
@@ -1233,8 +1199,6 @@ def dp_fit_gmm(latents: np.ndarray, *, n_components: int, noise_multiplier: floa
 
 def _release_prior(state: LocalState, data: Tensor, *, plan: PrivacyPlan,
                    ledger: PrivacyLedger, seed: int) -> GaussianMixturePrior:
-    from .client import latent_means
-
     latent_dim = state.cfg.model.latent_dim
     if state.cfg.privacy.prior == "standard":
         return standard_normal_prior(latent_dim)
@@ -1295,8 +1259,6 @@ def public_penalty(state: LocalState, ledger: PrivacyLedger, plan: PrivacyPlan, 
     cfg = state.cfg
     if cfg.lipschitz.weight <= 0:
         return None
-    from .lipschitz import make_latent_penalty
-
     prior = (GaussianMixturePrior(**ledger.prior) if ledger.prior
              else standard_normal_prior(cfg.model.latent_dim))
     return make_latent_penalty(cfg.lipschitz, prior=prior, n_points=plan.batch_size,

@@ -31,13 +31,12 @@ import numpy as np
 import torch
 
 from .arrays import arrays_to_state, images_to_tensor, state_arrays
-from .client import model_spec
 from .config import RunConfig, to_dict
-from .models import build_vae, vae_loss
+from .models import build_vae, model_spec, vae_loss
 from .results import RESULTS_NAME, ResultsWriter
 from .schema import TEST, read_client, read_partition_info, read_split
 from .seeds import Role, derive_seed
-from .server import average_states
+from .strategies.fedavg import average_states
 from .training import last_epoch, train_minibatches
 
 log = logging.getLogger(__name__)

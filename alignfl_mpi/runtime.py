@@ -40,22 +40,15 @@ import numpy as np
 import torch
 
 from . import __version__
+from .arrays import images_to_tensor, to_uint8_images
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .client import (
-    LocalState,
-    SharedUpdate,
-    images_to_tensor,
-    new_local_state,
-    run_averaging_round,
-    run_local_round,
-)
+from .client import LocalState, SharedUpdate, new_local_state
 from .config import DEFAULT_PRESET, RunConfig, load_config, to_json
 from .datasets import data_root as resolve_data_root
 from .errors import AlignFLError, ConfigError, MessageError
 from .messages import (
     Bye,
-    DecoderUpdate,
-    GlobalModel,
+    ClientUpdate,
     Progress,
     Ready,
     RemoteError,
@@ -69,6 +62,8 @@ from .progress import CLIENT_MIN_INTERVAL_S, ProgressDisplay, ProgressTable, Ste
 from .results import RESULTS_NAME, ResultsWriter
 from .runlock import RunLock
 from .schema import CHECKPOINT_NAME, client_sizes, read_client, read_partition_info, read_split
+from .server import ServerState
+from .strategies import Strategy, build_strategy
 
 log = logging.getLogger("alignfl_mpi")
 
@@ -227,6 +222,7 @@ def main_run(args: Any) -> int:
     set_threads(local_size)
     try:
         cfg = resolve_config(args)
+        strategy = build_strategy(cfg)
         if size != cfg.n_clients + 1:
             raise ConfigError(f"world size {size} does not match the config: {cfg.n_clients} "
                               f"clients need {cfg.n_clients + 1} ranks (mpiexec -n "
@@ -239,18 +235,20 @@ def main_run(args: Any) -> int:
     if rank == 0:
         display = ProgressDisplay(enabled=not args.quiet, verbose=args.verbose,
                                   interval_s=cfg.output.progress_interval_s)
-        return Server(transport, cfg, resume=args.resume, local_rank=local_rank,
+        return Server(transport, cfg, strategy, resume=args.resume, local_rank=local_rank,
                       display=display).run()
-    return ClientLoop(transport, cfg, resume=args.resume, local_rank=local_rank).run()
+    return ClientLoop(transport, cfg, strategy, resume=args.resume, local_rank=local_rank).run()
 
 
 # --- client side ----------------------------------------------------------------------
 class ClientLoop:
     """A client rank: waits for instructions and answers each TRAIN with UPDATE or ERROR."""
 
-    def __init__(self, transport: Any, cfg: RunConfig, *, resume: bool, local_rank: int) -> None:
+    def __init__(self, transport: Any, cfg: RunConfig, strategy: Strategy, *, resume: bool,
+                 local_rank: int) -> None:
         self.transport = transport
         self.cfg = cfg
+        self.strategy = strategy
         self.rank = transport.rank
         self.client_id = self.rank - 1
         self.resume = resume
@@ -260,7 +258,7 @@ class ClientLoop:
         self.labels: torch.Tensor | None = None
         self.setup_error: BaseException | None = None
         self.outliers: np.ndarray = np.zeros((0, 28, 28), np.uint8)
-        self.global_state: dict[str, np.ndarray] | None = None  # FedAvg/FedProx only
+        self.global_state: dict[str, np.ndarray] | None = None  # the last MODEL received
         self.classifier: Any = None
         self.pending: list[Any] = []  # PROGRESS sends in flight
         # private: encoder, optimizer, accountant and the DP secret never go to the run folder
@@ -366,9 +364,9 @@ class ClientLoop:
                     self.state.vae, self.outliers, self.classifier, device=self.state.device)
             if self.cfg.output.checkpoint:
                 self._save_checkpoint()
-            payload = DecoderUpdate(round=r, client_id=self.client_id, spec=update.spec,
-                                    state=update.state, prior=update.prior,
-                                    metrics=update.metrics)
+            payload = ClientUpdate(round=r, client_id=self.client_id, spec=update.spec,
+                                   state=update.state, kind=update.kind, prior=update.prior,
+                                   metrics=update.metrics)
             # encoding and sending fail here, not in the loop: too big, not encodable, ...
             self.transport.send(0, Tag.UPDATE, payload.to_message())
         except Exception as exc:
@@ -391,15 +389,8 @@ class ClientLoop:
     def local_train(self, round_: int) -> SharedUpdate:
         """One round of local training (tests replace this to inject faults)."""
         assert self.state is not None and self.data is not None
-        if self.cfg.strategy == "align-fl":
-            return run_local_round(self.state, self.data, round_=round_, seed=self.cfg.seed,
-                                   labels=self.labels)
-        if self.global_state is None:
-            raise AlignFLError(f"{self.cfg.strategy}: no global model received before round "
-                               f"{round_}")
-        mu = self.cfg.fedprox_mu if self.cfg.strategy == "fedprox" else 0.0
-        return run_averaging_round(self.state, self.data, self.global_state, round_=round_,
-                                   seed=self.cfg.seed, mu=mu)
+        return self.strategy.client_round(self.state, self.data, round_=round_,
+                                          labels=self.labels, global_state=self.global_state)
 
     def _save_checkpoint(self) -> None:
         assert self.state is not None
@@ -434,10 +425,11 @@ class RoundRecord:
 class Server:
     """Rank 0: the stateful server. Owns all results, checkpoints, logs and PNGs."""
 
-    def __init__(self, transport: Any, cfg: RunConfig, *, resume: bool, local_rank: int,
-                 display: ProgressDisplay | None = None) -> None:
+    def __init__(self, transport: Any, cfg: RunConfig, strategy: Strategy, *, resume: bool,
+                 local_rank: int, display: ProgressDisplay | None = None) -> None:
         self.transport = transport
         self.cfg = cfg
+        self.strategy = strategy
         self.resume = resume
         self.local_rank = local_rank
         self.n = cfg.n_clients
@@ -530,7 +522,6 @@ class Server:
     def server_start(self) -> None:
         from .evaluation import latent_classification  # noqa: F401  (fail early on import)
         from .partition import make_partition
-        from .server import ServerState
 
         cfg = self.cfg
         path = partition_path(cfg)
@@ -609,6 +600,7 @@ class Server:
             return 0
         ckpt = load_checkpoint(path)
         self.state.load_state_dict(ckpt["server"])
+        self.strategy.load_state_dict(ckpt.get("strategy", {}), self.state)
         set_rng_state(ckpt["rng"])
         log.info("resuming after round %d", self.state.rounds_done)
         return self.state.rounds_done
@@ -667,11 +659,10 @@ class Server:
             if c in self.busy:
                 record.clients[c] = {"status": "straggler", "busy_round": _round_no(self.busy[c])}
         instruction = TrainInstruction(round=r, deadline_s=deadline)
-        model = (GlobalModel(round=r, state=self.state.global_arrays())
-                 if cfg.strategy != "align-fl" else None)
+        before = self.strategy.configure_round(self.state, r) if asked else []
         for c in asked:
-            if model is not None:
-                self._send(c, model)
+            for payload in before:
+                self._send(c, payload)
             self._send(c, instruction)
             self.busy[c] = r
             self.asked_at[c] = time.perf_counter()
@@ -687,17 +678,7 @@ class Server:
         images, labels = self.state.sample_synthetic(round_=r)
         t_sampling = time.perf_counter() - t0
         t0 = time.perf_counter()
-        if cfg.strategy != "align-fl":
-            server_metrics = self.state.average_pending()  # FedAvg/FedProx: no server training
-        elif len(images):
-            server_metrics = self.state.train_global(images, round_=r)
-            if cfg.server.classifier_epochs:
-                server_metrics.update(self.state.train_classifier(
-                    images, self.state.last_classes, round_=r))
-        else:
-            log.warning("round %d: no decoder stored yet; the global model is not trained",
-                        _round_no(r))
-            server_metrics = {"n_synthetic": 0.0}
+        server_metrics = self.strategy.aggregate(self.state, r, (images, labels))
         if self.state.last_evicted:
             server_metrics["decoders_evicted"] = float(len(self.state.last_evicted))
         t_server = time.perf_counter() - t0
@@ -706,6 +687,7 @@ class Server:
         t0 = time.perf_counter()
         evaluation, per_client = self.evaluator.evaluate(self.state, round_=r,
                                                          pool=(images, labels))
+        evaluation.update(self.strategy.evaluate(self.state, r, self.evaluator))
         for c, values in per_client.items():
             record.clients.setdefault(c, {"status": "idle"}).update(values)
         t_eval = time.perf_counter() - t0
@@ -722,8 +704,6 @@ class Server:
         t0 = time.perf_counter()
         synthetic = None
         if cfg.output.save_synthetic and len(images):
-            from .evaluation import to_uint8_images
-
             synthetic = (to_uint8_images(images.cpu()), labels.numpy())
         timings["io"] = 0.0
         timings["round"] = time.perf_counter() - t_round
@@ -731,7 +711,8 @@ class Server:
                                 evaluation=evaluation, timings=timings, synthetic=synthetic)
         if cfg.output.checkpoint:
             save_checkpoint(self.ckpt_dir / CHECKPOINT_NAME,
-                            {"server": self.state.state_dict(), "rng": rng_state(),
+                            {"server": self.state.state_dict(),
+                             "strategy": self.strategy.state_dict(), "rng": rng_state(),
                              "round": r, "version": __version__})
         timings["io"] = time.perf_counter() - t0
         timings["round"] = time.perf_counter() - t_round
@@ -813,7 +794,7 @@ class Server:
             log.warning("round %d: rejected message from %s: %s", _round_no(r), who, reason)
         record.clients[c] = entry
 
-    def _take_update(self, upd: DecoderUpdate, *, c: int, who: str, asked: int,
+    def _take_update(self, upd: ClientUpdate, *, c: int, who: str, asked: int,
                      r: int) -> dict[str, Any]:
         """Validate and store one update; the record entry for it."""
         late = asked != r
@@ -823,14 +804,7 @@ class Server:
             if upd.round != asked:
                 raise MessageError(f"update is for round {_round_no(upd.round)} but the client "
                                    f"was asked for round {_round_no(asked)}")
-            if self.cfg.strategy == "align-fl":
-                self.state.accept(c, spec=upd.spec, state=upd.state, prior=upd.prior,
-                                  round_=upd.round, metrics=upd.metrics)
-            elif late:
-                raise MessageError(f"late update for round {_round_no(upd.round)} is not averaged")
-            else:
-                self.state.accept_full(c, spec=upd.spec, state=upd.state,
-                                       round_=upd.round, metrics=upd.metrics)
+            self.strategy.accept(self.state, c, upd, late=late)
         except Exception as exc:  # MessageError, or a validator gap: the update is refused
             reason = _clean_text(str(exc) if isinstance(exc, AlignFLError)
                                  else f"update could not be validated ({type(exc).__name__})")
@@ -915,15 +889,11 @@ class Server:
 
     def _write_final(self) -> None:
         decoders = {}
-        for cid, e in self.state.registry.items():
-            decoders[cid] = {"spec": e.spec.to_dict(), "round": e.round,
-                             "state": {k: v.detach().cpu().numpy()
-                                       for k, v in e.decoder.state_dict().items()},
-                             "prior": self.state._prior_arrays(e)}
-        self.writer.write_final(
-            global_state={k: v.detach().cpu().numpy()
-                          for k, v in self.state.vae.state_dict().items()},
-            global_spec=self.state.spec.to_dict(), decoders=decoders)
+        for cid in self.state.registry:
+            d = self.state.decoder_arrays(cid)
+            decoders[cid] = {k: d[k] for k in ("spec", "round", "state", "prior")}
+        self.writer.write_final(global_state=self.state.global_arrays(),
+                                global_spec=self.state.spec.to_dict(), decoders=decoders)
 
 
 def _exc_info() -> tuple[BaseException, str]:

@@ -1,30 +1,33 @@
-"""The stateful server algorithm: decoder registry, synthetic sampling, global training.
+"""The server's state that every strategy shares: the global VAE and the decoder registry.
 
-Plain PyTorch, no MPI. The server keeps the latest accepted decoder and prior of every
-client. Each round it samples ``samples_per_client`` images per client (prior -> decoder,
-labelled with the client id), pools them, and trains the persistent global VAE on the
-pool for ``epochs`` epochs.
+Plain PyTorch, no MPI, no strategy. The server keeps the latest accepted decoder and
+prior of every client (validated as untrusted input, probed before use), and draws the
+round's synthetic pool from them: ``samples_per_client`` images per client (prior ->
+decoder, labelled with the client id). What a strategy does with the pool (ALIGN-FL
+trains the global VAE on it; the averaging strategies only evaluate it) and any state of
+its own live in :mod:`alignfl_mpi.strategies`.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from .client import CLASS_WEIGHTS, model_spec, round_seed
-from .config import RunConfig
+from .arrays import arrays_to_state, state_arrays
 from .errors import AlignFLError, MessageError
-from .models import ModelSpec, build_decoder, build_vae, decoder_state_shapes, vae_loss
-from .prior import GaussianMixturePrior, standard_normal_prior
+from .models import ModelSpec, build_decoder, build_vae, decoder_state_shapes, model_spec
+from .prior import CLASS_WEIGHTS, GaussianMixturePrior
+from .seeds import Role, derive_seed
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 log = logging.getLogger(__name__)
 
-SERVER_ROLE = 0  # role id for derived seeds; clients use 1 + client_id
-CLASSIFIER_INIT = 2**31 - 1  # "round" of the digit classifier's initial weights
 
 
 @dataclass
@@ -189,49 +192,25 @@ def probe_decoder(entry: DecoderEntry, *, device: torch.device) -> None:
                            "its own prior")
 
 
-def average_states(states: list[dict[str, np.ndarray]], weights: list[float]
-                   ) -> dict[str, np.ndarray]:
-    """Weighted average of state dicts (FedAvg); integer tensors take the first state's.
-
-    >>> average_states([{"w": np.array([0.0])}, {"w": np.array([3.0])}], [1, 2])["w"]
-    array([2.])
-    """
-    total = float(sum(weights))
-    out = {}
-    for name, first in states[0].items():
-        if first.dtype.kind != "f":
-            out[name] = first.copy()
-            continue
-        acc = np.zeros(first.shape, np.float64)
-        for st, w in zip(states, weights):
-            acc += st[name].astype(np.float64) * (w / total)
-        out[name] = acc.astype(first.dtype)
-    return out
-
-
 class ServerState:
-    """The server's state: global VAE + optimizer, and the decoder registry."""
+    """The global VAE and the decoder registry: what every strategy's server side shares."""
 
     def __init__(self, cfg: RunConfig, *, device: torch.device) -> None:
         self.cfg = cfg
         self.device = device
-        torch.manual_seed(round_seed(cfg.seed, SERVER_ROLE, 0))
+        torch.manual_seed(derive_seed(cfg.seed, Role.SERVER_INIT))
         self.spec = model_spec(cfg.server.model)
         self.vae = build_vae(self.spec).to(device)
-        self.optimizer = torch.optim.Adam(self.vae.parameters(), lr=cfg.server.lr)
         self.registry: dict[int, DecoderEntry] = {}
         self.max_params = int(cfg.server.max_message_mb * 2**20) // 4
-        self.pending: dict[int, tuple[dict[str, np.ndarray], float]] = {}
         self.last_classes = torch.empty(0, dtype=torch.long)
         self.last_evicted: list[int] = []  # decoders dropped by the last sample_synthetic
-        self.classifier: Any = None  # digit classifier on the synthetic pool (optional)
-        self.classifier_optimizer: Any = None
         self.rounds_done = 0
 
     # --- decoder registry ---------------------------------------------------------------
     def accept(self, client_id: int, *, spec: dict[str, Any], state: dict[str, np.ndarray],
                prior: dict[str, np.ndarray], round_: int, metrics: dict[str, float]) -> None:
-        """Validate and store a client's update, replacing its previous one.
+        """Validate and store a client's decoder and prior, replacing its previous one.
 
         Raises:
             MessageError: The update is invalid; the stored decoder is kept.
@@ -240,8 +219,7 @@ class ServerState:
                                     image_shape=tuple(self.spec.image_shape),
                                     max_params=self.max_params)
         decoder = build_decoder(model)
-        decoder.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()},
-                                strict=True)
+        decoder.load_state_dict(arrays_to_state(state), strict=True)
         decoder.to(self.device).eval()
         _, class_weights = split_class_weights(model, prior)
         entry = DecoderEntry(client_id=client_id, spec=model, decoder=decoder, prior=gm,
@@ -249,48 +227,13 @@ class ServerState:
         probe_decoder(entry, device=self.device)
         self.registry[client_id] = entry
 
-    def accept_full(self, client_id: int, *, spec: dict[str, Any], state: dict[str, np.ndarray],
-                    round_: int, metrics: dict[str, float]) -> None:
-        """FedAvg/FedProx: validate a whole-VAE update and keep it for averaging.
-
-        Its decoder part also goes into the registry (with the N(0, I) prior the VAE was
-        trained towards), so that the evaluation can sample what the server saw.
-
-        Raises:
-            MessageError: The spec differs from the global model's, or the tensors do not
-                match it.
-        """
-        if spec != self.spec.to_dict():
-            raise MessageError(f"model spec {spec} differs from the global model's "
-                               f"{self.spec.to_dict()}; FedAvg needs identical models")
-        expected = {k: tuple(v.shape) for k, v in self.vae.state_dict().items()}
-        if set(expected) != set(state):
-            raise MessageError("model tensors do not match the global model")
-        for name, shape in expected.items():
-            if tuple(state[name].shape) != shape:
-                raise MessageError(f"model tensor {name} has shape {tuple(state[name].shape)}, "
-                                   f"expected {shape}")
-        self.pending[client_id] = (state, float(metrics.get("n_samples", 1.0)))
-        prefix = "decoder."
-        decoder = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        prior = standard_normal_prior(self.spec.latent_dim).to_arrays()
-        self.accept(client_id, spec=spec, state=decoder, prior=prior, round_=round_,
-                    metrics=metrics)
-
-    def average_pending(self) -> dict[str, float]:
-        """FedAvg: replace the global VAE by the sample-weighted mean of this round's updates."""
-        if not self.pending:
-            return {"n_averaged": 0.0}
-        ids = sorted(self.pending)
-        avg = average_states([self.pending[c][0] for c in ids], [self.pending[c][1] for c in ids])
-        self.vae.load_state_dict({k: torch.from_numpy(v) for k, v in avg.items()}, strict=True)
-        self.pending.clear()
-        return {"n_averaged": float(len(ids))}
-
     def global_arrays(self) -> dict[str, np.ndarray]:
-        """The global VAE's state as contiguous numpy arrays (sent to FedAvg clients)."""
-        return {k: np.ascontiguousarray(v.detach().cpu().numpy())
-                for k, v in self.vae.state_dict().items()}
+        """The global VAE's state as contiguous numpy arrays."""
+        return state_arrays(self.vae)
+
+    def load_global(self, arrays: dict[str, np.ndarray]) -> None:
+        """Replace the global VAE's weights (a strategy's aggregate)."""
+        self.vae.load_state_dict(arrays_to_state(arrays), strict=True)
 
     # --- sampling -----------------------------------------------------------------------
     @torch.no_grad()
@@ -305,7 +248,8 @@ class ServerState:
             :attr:`last_classes`.
         """
         n = n_per_client or self.cfg.server.samples_per_client
-        gen = torch.Generator().manual_seed(round_seed(self.cfg.seed, SERVER_ROLE, 2 * round_ + 1))
+        gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, Role.SERVER_SAMPLE,
+                                                        round_))
         images, labels, classes = [], [], []
         self.last_evicted = []
         for cid in sorted(self.registry):
@@ -335,119 +279,39 @@ class ServerState:
         x, _ = self.registry[client_id].sample(n, generator=gen, device=self.device)
         return x.reshape(n, *self.spec.image_shape)
 
-    # --- global training ----------------------------------------------------------------
-    def train_global(self, images: torch.Tensor, *, round_: int) -> dict[str, float]:
-        """Train the persistent global VAE on the synthetic pool for ``server.epochs``."""
-        s = self.cfg.server
-        n = len(images)
-        if not bool(torch.isfinite(images).all()):
-            log.error("round %d: the synthetic pool holds non-finite values; the global model "
-                      "is not trained this round", round_)
-            return {"n_synthetic": float(n), "pool_rejected": 1.0}
-        rs = round_seed(self.cfg.seed, SERVER_ROLE, 2 * round_ + 2)
-        torch.manual_seed(rs)
-        gen = torch.Generator().manual_seed(rs)
-        self.vae.train()
-        history = []
-        skipped = 0
-        for _ in range(s.epochs):
-            order = torch.randperm(n, generator=gen)
-            sums, seen = np.zeros(3), 0
-            for start in range(0, n, s.batch_size):
-                x = images[order[start:start + s.batch_size]].to(self.device)
-                recon, mu, logvar = self.vae(x)
-                loss, rec, kl = vae_loss(recon, x, mu, logvar, kl_weight=s.kl_weight)
-                values = np.array([loss.item(), rec.item(), kl.item()])
-                if not np.isfinite(values[0]):
-                    skipped += 1  # never step the optimizer on a non-finite loss
-                    continue
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                sums += values * len(x)
-                seen += len(x)
-            history.append(sums / max(seen, 1) if seen else np.full(3, np.nan))
-        if skipped:
-            log.warning("round %d: %d global training steps skipped on a non-finite loss",
-                        round_, skipped)
-        last = history[-1]
-        return {"loss": float(last[0]), "recon": float(last[1]), "kl": float(last[2]),
-                "first_epoch_loss": float(history[0][0]), "n_synthetic": float(n),
-                "skipped_steps": float(skipped)}
-
-    # --- digit classifier on the labelled synthetic pool ---------------------------------
-    def train_classifier(self, images: torch.Tensor, classes: torch.Tensor, *,
-                         round_: int) -> dict[str, float]:
-        """Train the persistent digit classifier on the pool's labelled digits (0-9).
-
-        Only conditional decoders' samples carry labels; the outlier label 10 and
-        unlabelled samples (-1) are left out.
-        """
-        from .metrics import LeNet
-
-        keep = (classes >= 0) & (classes < 10)
-        if not bool(keep.any()):
-            return {"classifier_samples": 0.0}
-        rs = round_seed(self.cfg.seed, SERVER_ROLE, 2 * round_ + 3)
-        if self.classifier is None:
-            torch.manual_seed(round_seed(self.cfg.seed, SERVER_ROLE, CLASSIFIER_INIT))
-            self.classifier = LeNet(n_classes=10).to(self.device)
-            self.classifier_optimizer = torch.optim.Adam(self.classifier.parameters(), lr=1e-3)
-        x, y = images[keep], classes[keep].to(self.device)
-        gen = torch.Generator().manual_seed(rs)
-        self.classifier.train()
-        total = 0.0
-        for _ in range(self.cfg.server.classifier_epochs):
-            order = torch.randperm(len(x), generator=gen)
-            total = 0.0
-            for start in range(0, len(x), self.cfg.server.batch_size):
-                idx = order[start:start + self.cfg.server.batch_size]
-                loss = torch.nn.functional.cross_entropy(self.classifier(x[idx]), y[idx])
-                self.classifier_optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.classifier_optimizer.step()
-                total += loss.item() * len(idx)
-        return {"classifier_loss": total / len(x), "classifier_samples": float(len(x))}
-
     # --- checkpointing ------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: model, optimizer, registry, round."""
-        registry = {}
-        for cid, e in self.registry.items():
-            registry[str(cid)] = {
-                "spec": e.spec.to_dict(), "round": e.round, "metrics": e.metrics,
-                "decoder": {k: v.detach().cpu() for k, v in e.decoder.state_dict().items()},
-                "prior": {k: torch.from_numpy(np.array(v))
-                          for k, v in self._prior_arrays(e).items()},
-            }
-        out = {"vae": self.vae.state_dict(), "optimizer": self.optimizer.state_dict(),
-               "registry": registry, "rounds_done": self.rounds_done}
-        if self.classifier is not None:
-            out["classifier"] = self.classifier.state_dict()
-            out["classifier_optimizer"] = self.classifier_optimizer.state_dict()
-        return out
+    def decoder_arrays(self, client_id: int) -> dict[str, Any]:
+        """One stored decoder as plain arrays: spec, round, state and prior."""
+        e = self.registry[client_id]
+        return {"spec": e.spec.to_dict(), "round": e.round, "metrics": dict(e.metrics),
+                "state": state_arrays(e.decoder), "prior": prior_arrays(e)}
 
-    @staticmethod
-    def _prior_arrays(entry: DecoderEntry) -> dict[str, np.ndarray]:
-        arrays = entry.prior.to_arrays()
-        if entry.class_weights is not None:
-            arrays[CLASS_WEIGHTS] = entry.class_weights
-        return arrays
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: the global VAE, the registry, the round."""
+        registry = {}
+        for cid in self.registry:
+            d = self.decoder_arrays(cid)
+            registry[str(cid)] = {"spec": d["spec"], "round": d["round"],
+                                  "metrics": d["metrics"],
+                                  "decoder": arrays_to_state(d["state"]),
+                                  "prior": arrays_to_state(d["prior"])}
+        return {"vae": self.vae.state_dict(), "registry": registry,
+                "rounds_done": self.rounds_done}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.vae.load_state_dict(state["vae"])
-        self.optimizer.load_state_dict(state["optimizer"])
         self.rounds_done = int(state["rounds_done"])
-        if "classifier" in state:
-            from .metrics import LeNet
-
-            self.classifier = LeNet(n_classes=10).to(self.device)
-            self.classifier.load_state_dict(state["classifier"])
-            self.classifier_optimizer = torch.optim.Adam(self.classifier.parameters(), lr=1e-3)
-            self.classifier_optimizer.load_state_dict(state["classifier_optimizer"])
         self.registry.clear()
         for cid, e in state["registry"].items():
             self.accept(int(cid), spec=e["spec"],
                         state={k: v.numpy() for k, v in e["decoder"].items()},
                         prior={k: v.numpy() for k, v in e["prior"].items()},
                         round_=int(e["round"]), metrics=dict(e["metrics"]))
+
+
+def prior_arrays(entry: DecoderEntry) -> dict[str, np.ndarray]:
+    """A stored decoder's prior as arrays, with a conditional decoder's class weights."""
+    arrays = entry.prior.to_arrays()
+    if entry.class_weights is not None:
+        arrays[CLASS_WEIGHTS] = entry.class_weights
+    return arrays

@@ -74,7 +74,7 @@ class Received:
         nbytes: Size of the message on the wire.
         error: Why the message was rejected, or None when it is good.
         payload: The payload dataclass for the tag (for example a
-            :class:`~alignfl_mpi.messages.DecoderUpdate`), or None when rejected. A message
+            :class:`~alignfl_mpi.messages.ClientUpdate`), or None when rejected. A message
             that decodes but whose payload fails validation keeps ``message`` for logging.
     """
 

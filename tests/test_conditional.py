@@ -3,11 +3,13 @@
 import numpy as np
 import pytest
 import torch
+from strategy_helpers import local_round, make_strategy
 
-from alignfl_mpi.client import CLASS_WEIGHTS, new_local_state, run_local_round
+from alignfl_mpi.client import new_local_state
 from alignfl_mpi.config import ClientConfig, ModelConfig, load_config
 from alignfl_mpi.errors import ConfigError, MessageError
 from alignfl_mpi.models import ModelSpec, build_vae
+from alignfl_mpi.prior import CLASS_WEIGHTS
 from alignfl_mpi.server import ServerState
 
 CPU = torch.device("cpu")
@@ -34,7 +36,7 @@ def _conditional_update(classes=(2, 3)):
                        local_epochs=1, prior_components=2)
     st = new_local_state(1, cfg, seed=0, device=CPU)
     labels = torch.tensor([classes[i % len(classes)] for i in range(40)])
-    return run_local_round(st, torch.rand(40, 1, 28, 28), round_=0, seed=0, labels=labels)
+    return local_round(st, torch.rand(40, 1, 28, 28), round_=0, seed=0, labels=labels)
 
 
 def test_server_samples_only_the_clients_classes():
@@ -48,12 +50,16 @@ def test_server_samples_only_the_clients_classes():
     images, ids = server.sample_synthetic(round_=0)
     assert images.shape == (200, 1, 28, 28) and set(ids.tolist()) == {1}
     assert set(server.last_classes.tolist()) == {2, 3}
-    m = server.train_classifier(images, server.last_classes, round_=0)
-    assert m["classifier_samples"] == 200 and server.classifier is not None
-    state = server.state_dict()
+    strategy = make_strategy(cfg=server.cfg)
+    m = strategy.train_classifier(server, images, server.last_classes, round_=0)
+    assert m["classifier_samples"] == 200 and strategy.classifier is not None
     other = ServerState(cfg, device=CPU)
-    other.load_state_dict(state)
-    assert other.registry[1].class_weights is not None and other.classifier is not None
+    other.load_state_dict(server.state_dict())
+    restored = make_strategy(cfg=server.cfg)
+    restored.load_state_dict(strategy.state_dict(), other)
+    assert other.registry[1].class_weights is not None and restored.classifier is not None
+    x = images[:8]
+    assert torch.equal(restored.classifier(x), strategy.classifier(x))
 
 
 def test_class_weights_are_validated():

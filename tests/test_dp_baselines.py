@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 from mpi_helpers import find_mpiexec
+from strategy_helpers import local_round
 
-from alignfl_mpi.client import new_local_state, run_averaging_round
+from alignfl_mpi.client import new_local_state
 from alignfl_mpi.config import ClientConfig, LipschitzConfig, ModelConfig, PrivacyConfig
 from alignfl_mpi.models import ModelSpec, build_vae
 from alignfl_mpi.privacy import LOCAL_ONLY_METRICS, PrivacyLedger
@@ -38,6 +39,15 @@ def global_arrays(seed: int = 1) -> dict[str, np.ndarray]:
     return {k: v.numpy().copy() for k, v in vae.state_dict().items()}
 
 
+def averaging_round(state, images, global_state, *, round_: int, seed: int, mu: float = 0.0):
+    """A DP-FedAvg (``mu = 0``) or DP-FedProx local round."""
+    if mu > 0:
+        return local_round(state, images, round_=round_, seed=seed, strategy="fedprox",
+                           global_state=global_state, mu=mu)
+    return local_round(state, images, round_=round_, seed=seed, strategy="fedavg",
+                       global_state=global_state)
+
+
 def fresh_state(cfg: ClientConfig, rounds: int = 2):
     state = new_local_state(0, cfg, seed=0, device=CPU)
     state.extra["total_rounds"] = rounds
@@ -49,7 +59,7 @@ def test_dp_averaging_round_privatises_the_whole_vae_and_accounts(images, mu) ->
     cfg = dp_cfg()
     state = fresh_state(cfg)
     glob = global_arrays()
-    update = run_averaging_round(state, images, glob, round_=0, seed=0, mu=mu)
+    update = averaging_round(state, images, glob, round_=0, seed=0, mu=mu)
     m = update.metrics
     assert not set(LOCAL_ONLY_METRICS) & set(m)  # exact losses and wall time stay local
     assert m["dp_accounted"] == 1.0 and m["dp_steps"] == 3 and m["epsilon_prior"] == 0.0
@@ -59,7 +69,7 @@ def test_dp_averaging_round_privatises_the_whole_vae_and_accounts(images, mu) ->
     # every parameter, encoder included, moved: all of them went through DP-SGD
     for name, value in update.state.items():
         assert not np.array_equal(value, glob[name]), name
-    update2 = run_averaging_round(state, images, glob, round_=1, seed=0, mu=mu)
+    update2 = averaging_round(state, images, glob, round_=1, seed=0, mu=mu)
     assert update2.metrics["epsilon"] == pytest.approx(4.0, rel=0.01)
     assert update2.metrics["epsilon"] <= 4.0
     assert update2.metrics["dp_steps"] == 6
@@ -72,7 +82,7 @@ def test_dp_fedprox_proximal_term_is_added_after_the_noise(images) -> None:
     for mu in (0.0, 5.0):
         state = fresh_state(dp_cfg(clipping="flat"))
         state.extra["privacy"] = {"secret": 7}
-        results.append(run_averaging_round(state, images, global_arrays(), round_=0, seed=0,
+        results.append(averaging_round(state, images, global_arrays(), round_=0, seed=0,
                                            mu=mu))
     (avg, prox) = results
     for key in ("epsilon", "epsilon_prv", "noise_multiplier", "clip_bound", "dp_steps"):
@@ -84,14 +94,14 @@ def test_dp_averaging_resume_repeats_the_round_exactly(images) -> None:
     cfg = dp_cfg(clipping="adaptive")
     state = fresh_state(cfg, rounds=2)
     glob = global_arrays()
-    run_averaging_round(state, images, glob, round_=0, seed=0)
+    averaging_round(state, images, glob, round_=0, seed=0)
     buffer = io.BytesIO()
     torch.save(state.state_dict(), buffer)
-    again = run_averaging_round(state, images, glob, round_=1, seed=0)
+    again = averaging_round(state, images, glob, round_=1, seed=0)
     buffer.seek(0)
     resumed = fresh_state(cfg, rounds=2)
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
-    replay = run_averaging_round(resumed, images, glob, round_=1, seed=0)
+    replay = averaging_round(resumed, images, glob, round_=1, seed=0)
     assert replay.metrics == again.metrics
     for key, value in again.state.items():
         np.testing.assert_array_equal(replay.state[key], value)
@@ -101,7 +111,7 @@ def test_dp_averaging_resume_repeats_the_round_exactly(images) -> None:
 
 def test_dp_averaging_with_lipschitz_penalty(images) -> None:
     cfg = ClientConfig(**{**dp_cfg().__dict__, "lipschitz": LipschitzConfig(weight=1.0)})
-    update = run_averaging_round(fresh_state(cfg), images, global_arrays(), round_=0, seed=0)
+    update = averaging_round(fresh_state(cfg), images, global_arrays(), round_=0, seed=0)
     assert "penalty" not in update.metrics and update.metrics["dp_accounted"] == 1.0
     assert math.isfinite(update.metrics["epsilon"])
 
@@ -149,7 +159,9 @@ def test_dp_baseline_records_epsilon_under_mpiexec(tmp_path, strategy) -> None:
 def test_dp_baseline_with_dp_prior_is_refused_in_one_line(tmp_path) -> None:
     from alignfl_mpi.config import load_config
     from alignfl_mpi.errors import ConfigError
+    from alignfl_mpi.strategies import build_strategy
 
     with pytest.raises(ConfigError, match="privacy.prior") as info:
-        load_config(None, overrides=['strategy="fedavg"', 'client.privacy.mode="full"'])
+        build_strategy(load_config(None, overrides=['strategy="fedavg"',
+                                                    'client.privacy.mode="full"']))
     assert "\n" not in str(info.value)

@@ -19,19 +19,18 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from alignfl_mpi.client import model_spec
 from alignfl_mpi.config import load_config
 from alignfl_mpi.errors import MessageError
 from alignfl_mpi.messages import (
     ALLOWED_DTYPES,
-    DecoderUpdate,
+    ClientUpdate,
     Message,
     Tag,
     decode_message,
     encode_message,
     parse_payload,
 )
-from alignfl_mpi.models import build_decoder
+from alignfl_mpi.models import build_decoder, model_spec
 from alignfl_mpi.prior import standard_normal_prior
 from alignfl_mpi.server import ServerState
 
@@ -149,7 +148,7 @@ def test_update_acceptance(server: ServerState, data) -> None:
         state[key] = (state[key] * factor).astype(np.float32)
     metrics = data.draw(st.dictionaries(texts, st.one_of(floats, ints), max_size=3)) \
         if choice == "metrics" else {"loss": 1.0}
-    upd = DecoderUpdate(round=0, client_id=0, spec=base, state=state, prior=prior, metrics={})
+    upd = ClientUpdate(round=0, client_id=0, spec=base, state=state, prior=prior, metrics={})
     msg = upd.to_message()
     msg = Message(kind=msg.kind, meta=dict(msg.meta, metrics=metrics), tensors=msg.tensors)
     try:

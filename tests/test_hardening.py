@@ -9,12 +9,12 @@ import socket
 import numpy as np
 import pytest
 import torch
+from strategy_helpers import make_strategy
 
-from alignfl_mpi.client import model_spec
 from alignfl_mpi.config import largest_message_bytes, load_config
 from alignfl_mpi.errors import ConfigError, MessageError
 from alignfl_mpi.messages import (
-    DecoderUpdate,
+    ClientUpdate,
     Message,
     RemoteError,
     Tag,
@@ -22,10 +22,11 @@ from alignfl_mpi.messages import (
     encode_message,
     parse_payload,
 )
-from alignfl_mpi.models import build_decoder
+from alignfl_mpi.models import build_decoder, model_spec
 from alignfl_mpi.prior import GaussianMixturePrior, standard_normal_prior
 from alignfl_mpi.runlock import RunLock
 from alignfl_mpi.server import DecoderEntry, ServerState, probe_decoder, validate_update
+from alignfl_mpi.strategies import build_strategy
 
 CPU = torch.device("cpu")
 HIDDEN = "[16, 8, 4]"
@@ -49,7 +50,7 @@ def _roundtrip(msg: Message):
 
 def _update(**meta) -> Message:
     spec, state = _decoder_state()
-    msg = DecoderUpdate(round=0, client_id=0, spec=spec, state=state,
+    msg = ClientUpdate(round=0, client_id=0, spec=spec, state=state,
                         prior=standard_normal_prior(2).to_arrays()).to_message()
     return Message(kind=msg.kind, meta={**msg.meta, **meta}, tensors=msg.tensors)
 
@@ -180,7 +181,7 @@ def test_global_training_refuses_nonfinite_pool_and_skips_nonfinite_steps():
     before = {k: v.clone() for k, v in server.vae.state_dict().items()}
     pool = torch.rand(32, 1, 28, 28)
     pool[3, 0, 0, 0] = float("nan")
-    out = server.train_global(pool, round_=0)
+    out = make_strategy(cfg=server.cfg).train_global(server, pool, round_=0)
     assert out["pool_rejected"] == 1.0
     assert all(torch.equal(before[k], v) for k, v in server.vae.state_dict().items())
     # a finite pool whose loss is not finite: every step is skipped, nothing is stepped
@@ -191,7 +192,8 @@ def test_global_training_refuses_nonfinite_pool_and_skips_nonfinite_steps():
         return recon, mu * float("inf"), logvar
 
     server.vae.forward = inf_forward
-    out = server.train_global(torch.rand(32, 1, 28, 28), round_=1)
+    out = make_strategy(cfg=server.cfg).train_global(server, torch.rand(32, 1, 28, 28),
+                                                      round_=1)
     assert out["skipped_steps"] == 2.0 and math.isnan(out["loss"])
     assert all(torch.equal(before[k], v) for k, v in server.vae.state_dict().items())
 
@@ -205,19 +207,19 @@ def test_global_training_refuses_nonfinite_pool_and_skips_nonfinite_steps():
 ])
 def test_bad_server_values(override, reason):
     with pytest.raises(ConfigError, match=reason):
-        load_config(overrides=[override])
+        build_strategy(load_config(overrides=[override]))
 
 
 def test_message_limit_covers_the_largest_update():
     cfg = load_config()
-    need, what = largest_message_bytes(cfg)
+    need, what = largest_message_bytes(cfg, whole_model=False)
     spec = model_spec(cfg.client.model)
     decoder = sum(v.numel() * 4 for v in build_decoder(spec).state_dict().values())
     assert decoder < need < decoder + 128 * 2**10 and what == "client 0's decoder update"
     fedavg = load_config(overrides=['strategy="fedavg"'])
-    assert largest_message_bytes(fedavg)[0] > 2 * decoder  # the whole VAE travels
+    assert largest_message_bytes(fedavg, whole_model=True)[0] > 2 * decoder  # whole VAE
     with pytest.raises(ConfigError, match=r"set server.max_message_mb >= 2\.2"):
-        load_config(overrides=["server.max_message_mb=1"])
+        build_strategy(load_config(overrides=["server.max_message_mb=1"]))
 
 
 # --- the run-folder lock ----------------------------------------------------------------------

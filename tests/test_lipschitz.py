@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from alignfl_mpi.client import train_epochs
-from alignfl_mpi.config import LipschitzConfig
+from alignfl_mpi.client import LocalState, train_vae
+from alignfl_mpi.config import ClientConfig, LipschitzConfig
 from alignfl_mpi.errors import ConfigError
 from alignfl_mpi.lipschitz import (
     GRAD_NORM_MODES,
@@ -251,6 +251,15 @@ def two_factor_images(n: int, seed: int) -> torch.Tensor:
     return (ab[:, :1] * left + ab[:, 1:] * top).clamp(0, 1)
 
 
+def train_epochs(vae, optimizer, data, *, epochs, batch_size, generator, penalty):
+    """The client's VAE training (kl_weight 1) with an optional ``(vae, mu)`` penalty."""
+    cfg = ClientConfig(local_epochs=epochs, batch_size=batch_size, kl_weight=1.0)
+    state = LocalState(client_id=0, cfg=cfg, vae=vae, optimizer=optimizer,
+                       device=torch.device("cpu"))
+    term = None if penalty is None else (lambda v, _x, mu: penalty(v, mu)[0])
+    return train_vae(state, data, generator=generator, terms=(term,))
+
+
 def trained_lipschitz(penalty_cfg: LipschitzConfig | None, *, mode: str = "sum",
                       seed: int = 0) -> float:
     """Train a small MLP VAE on 512 images; the decoder's Lipschitz at the encoder means."""
@@ -261,8 +270,8 @@ def trained_lipschitz(penalty_cfg: LipschitzConfig | None, *, mode: str = "sum",
     generator = torch.Generator().manual_seed(seed)
     penalty = (make_penalty(penalty_cfg, generator=generator, grad_norm_mode=mode)
                if penalty_cfg else None)
-    metrics = train_epochs(vae, optimizer, data, epochs=20, batch_size=64, kl_weight=1.0,
-                           generator=generator, device=torch.device("cpu"), penalty=penalty)
+    metrics = train_epochs(vae, optimizer, data, epochs=20, batch_size=64,
+                           generator=generator, penalty=penalty)
     assert (metrics["penalty"] > 0) == (penalty is not None)
     vae.eval()
     with torch.no_grad():
@@ -296,8 +305,8 @@ def test_penalty_trains_every_zoo_decoder_including_spectral_norm(arch: str, mod
     penalty = make_penalty(LipschitzConfig(weight=1.0, form="hinge", target=0.0),
                            generator=generator, grad_norm_mode=mode)
     metrics = train_epochs(vae, torch.optim.Adam(vae.parameters(), lr=1e-3),
-                           torch.rand(32, 1, 28, 28), epochs=1, batch_size=16, kl_weight=1.0,
-                           generator=generator, device=torch.device("cpu"), penalty=penalty)
+                           torch.rand(32, 1, 28, 28), epochs=1, batch_size=16,
+                           generator=generator, penalty=penalty)
     # hinge with K = 0 is mean(norm^2): positive unless the decoder is constant
     assert math.isfinite(metrics["loss"]) and metrics["penalty"] > 0
 

@@ -8,13 +8,13 @@ import struct
 import numpy as np
 import pytest
 
-from alignfl_mpi.errors import MessageError
 from alignfl_mpi.arrays import arrays_to_state, state_arrays
+from alignfl_mpi.errors import MessageError
 from alignfl_mpi.messages import (
     ALLOWED_DTYPES,
     MAGIC,
     PAYLOAD_TYPES,
-    DecoderUpdate,
+    ClientUpdate,
     Message,
     RemoteError,
     StartInstruction,
@@ -29,7 +29,7 @@ from alignfl_mpi.messages import (
 LIMIT = 64 * 2**20
 
 
-def make_update(*, seed: int = 0, client_id: int = 1, round: int = 3) -> DecoderUpdate:  # noqa: A002
+def make_update(*, seed: int = 0, client_id: int = 1, round: int = 3) -> ClientUpdate:  # noqa: A002
     """Build a small decoder update with mixed dtypes and a scalar tensor."""
     rng = np.random.default_rng(seed)
     state = {
@@ -44,7 +44,7 @@ def make_update(*, seed: int = 0, client_id: int = 1, round: int = 3) -> Decoder
         "log_vars": np.zeros((4, 2), dtype=np.float32),
     }
     spec = {"name": "mlp_vae", "latent_dim": 2, "hidden": (32, 16), "in_shape": [1, 28, 28]}
-    return DecoderUpdate(
+    return ClientUpdate(
         round=round,
         client_id=client_id,
         spec=spec,
@@ -158,7 +158,7 @@ def test_decoder_update_roundtrip() -> None:
     assert list(msg.tensors)[:2] == ["state/fc.weight", "state/fc.bias"]
     assert list(msg.tensors)[-1] == "prior/log_vars"
     out = parse_payload(Tag.UPDATE, roundtrip(msg))
-    assert isinstance(out, DecoderUpdate)
+    assert isinstance(out, ClientUpdate)
     assert (out.round, out.client_id) == (3, 1)
     assert out.spec == {
         "name": "mlp_vae",
@@ -415,14 +415,14 @@ def test_decoder_update_rejects_non_finite(bad: float) -> None:
     with pytest.raises(
         MessageError, match="client 5 for round 2: non-finite values in state/fc.weight"
     ):
-        DecoderUpdate.from_message(wire)
+        ClientUpdate.from_message(wire)
 
 
 def test_decoder_update_rejects_non_finite_prior() -> None:
     msg = make_update().to_message()
     means = np.full((4, 2), np.nan, dtype=np.float32)
     with pytest.raises(MessageError, match=r"non-finite values in prior/means \(8 NaN, 0 Inf\)"):
-        DecoderUpdate.from_message(roundtrip(with_tensor(msg, "prior/means", means)))
+        ClientUpdate.from_message(roundtrip(with_tensor(msg, "prior/means", means)))
 
 
 @pytest.mark.parametrize(
@@ -441,16 +441,16 @@ def test_decoder_update_rejects_non_finite_prior() -> None:
 def test_decoder_update_rejects_bad_meta(change: dict, reason: str) -> None:
     msg = with_meta(make_update().to_message(), **change)
     with pytest.raises(MessageError, match=reason):
-        DecoderUpdate.from_message(roundtrip(msg))
+        ClientUpdate.from_message(roundtrip(msg))
 
 
 def test_decoder_update_rejects_bad_tensor_names_and_empty_state() -> None:
     msg = make_update().to_message()
     with pytest.raises(MessageError, match="'opt/momentum' is neither"):
-        DecoderUpdate.from_message(with_tensor(msg, "opt/momentum", np.zeros(1)))
+        ClientUpdate.from_message(with_tensor(msg, "opt/momentum", np.zeros(1)))
     only_prior = Message(kind="update", meta=msg.meta, tensors={"prior/w": np.ones(1)})
     with pytest.raises(MessageError, match="decoder state is empty"):
-        DecoderUpdate.from_message(only_prior)
+        ClientUpdate.from_message(only_prior)
 
 
 @pytest.mark.parametrize(
@@ -503,7 +503,7 @@ def test_random_truncations_and_corruptions_only_raise_message_error() -> None:
         try:
             msg = decode_message(buf, max_bytes=LIMIT)
             if msg.kind == "update":
-                DecoderUpdate.from_message(msg)
+                ClientUpdate.from_message(msg)
         except MessageError as exc:
             assert "\n" not in str(exc)
             outcomes["error"] += 1

@@ -200,7 +200,9 @@ def test_dead_component_is_reseeded_at_worst_explained_sample() -> None:
 
 
 def _client_round(fit_on: str, *, seed: int = 5):
-    from alignfl_mpi.client import new_local_state, run_local_round
+    from strategy_helpers import local_round
+
+    from alignfl_mpi.client import new_local_state
     from alignfl_mpi.config import load_config
 
     cfg = load_config(preset="paper", overrides=[
@@ -209,12 +211,13 @@ def _client_round(fit_on: str, *, seed: int = 5):
     state = new_local_state(0, cfg, seed=seed, device=torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
     data = torch.rand(64, 1, 28, 28, generator=gen)
-    update = run_local_round(state, data, round_=0, seed=seed)
+    update = local_round(state, data, round_=0, seed=seed)
     return state, update, data
 
 
 def test_prior_fit_on_z_uses_the_reparameterised_samples_of_every_step() -> None:
-    from alignfl_mpi.client import fit_prior, latent_means, reparameterised_samples
+    from alignfl_mpi.client import fit_prior, reparameterised_samples
+    from alignfl_mpi.models import latent_means
 
     state_z, update_z, data = _client_round("z")
     state_mu, update_mu, _ = _client_round("mu")

@@ -9,12 +9,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from strategy_helpers import local_round
 from torch.nn.utils import parametrize
 
-from alignfl_mpi.client import latent_means, new_local_state, round_seed, run_local_round
+from alignfl_mpi.client import new_local_state
 from alignfl_mpi.config import ClientConfig, LipschitzConfig, ModelConfig, PrivacyConfig
 from alignfl_mpi.errors import ConfigError
-from alignfl_mpi.models import ModelSpec, build_vae, vae_loss
+from alignfl_mpi.models import ModelSpec, build_vae, latent_means, vae_loss
 from alignfl_mpi.prior import GaussianMixturePrior, fit_gmm, standard_normal_prior
 from alignfl_mpi.privacy import (
     CALIBRATION_RTOL,
@@ -36,6 +37,7 @@ from alignfl_mpi.privacy import (
     prior_statistics,
     validate_privacy,
 )
+from alignfl_mpi.seeds import Role, derive_seed
 
 CPU = torch.device("cpu")
 REQUIRED = ("loss", "recon", "kl", "epsilon", "epsilon_prv", "noise_multiplier", "clip_bound",
@@ -218,7 +220,7 @@ def test_adaptive_noise_and_epsilon_match_independent_computations(images) -> No
 
 
 def run_state_round(state, images, round_: int = 0, seed: int = 0):
-    update = run_local_round(state, images, round_=round_, seed=seed)
+    update = local_round(state, images, round_=round_, seed=seed)
     return update.metrics, update.prior
 
 
@@ -422,7 +424,7 @@ def test_median_clipping_warns_and_is_not_accounted(images, caplog) -> None:
 def test_dp_round_on_tiny_data_returns_finite_metrics(images, mode, arch, spectral_norm):
     state = make_state(client_cfg(mode=mode, arch=arch, spectral_norm=spectral_norm))
     before = {k: v.clone() for k, v in state.vae.decoder.state_dict().items()}
-    update = run_local_round(state, images, round_=0, seed=3)
+    update = local_round(state, images, round_=0, seed=3)
     from alignfl_mpi.privacy import LOCAL_ONLY_METRICS
 
     assert all(k in update.metrics for k in REQUIRED if k not in LOCAL_ONLY_METRICS)
@@ -437,7 +439,7 @@ def test_dp_round_on_tiny_data_returns_finite_metrics(images, mode, arch, spectr
 def test_dp_prior_is_the_mechanism_output_and_is_accounted(images) -> None:
     cfg = client_cfg(prior="dp")
     state = make_state(cfg)
-    update = run_local_round(state, images, round_=0, seed=7)
+    update = local_round(state, images, round_=0, seed=7)
     metrics = update.metrics
     assert metrics["epsilon_prior"] > 0
     assert (max(metrics["epsilon_sgd"], metrics["epsilon_prior"]) < metrics["epsilon"]
@@ -445,7 +447,7 @@ def test_dp_prior_is_the_mechanism_output_and_is_accounted(images) -> None:
     ledger = PrivacyLedger.from_extra(state.extra)
     plan = PrivacyPlan(**ledger.plan)
     latents = latent_means(state.vae, images, device=CPU)
-    rs = round_seed(7, 1 + state.client_id, 0)
+    rs = derive_seed(7, Role.CLIENT_ROUND, state.client_id, 0)
     replay = dp_fit_gmm(latents, n_components=4, noise_multiplier=plan.prior_noise_multiplier,
                         radius=prior_radius(2), rng=np.random.default_rng(ledger.seed_for(rs)))
     for key, value in replay.to_arrays().items():
@@ -456,7 +458,7 @@ def test_dp_prior_is_the_mechanism_output_and_is_accounted(images) -> None:
 
 
 def test_standard_prior_spends_nothing(images) -> None:
-    update = run_local_round(make_state(client_cfg(prior="standard")), images, round_=0, seed=1)
+    update = local_round(make_state(client_cfg(prior="standard")), images, round_=0, seed=1)
     for key, value in standard_normal_prior(2).to_arrays().items():
         np.testing.assert_array_equal(update.prior[key], value)
     assert update.metrics["epsilon_prior"] == 0.0
@@ -649,14 +651,15 @@ def test_penalty_points_come_from_the_released_prior(images) -> None:
             drawn.append(self.prior)
             return self.prior.sample(n, generator=generator)
 
-    import alignfl_mpi.lipschitz as lip
+    import alignfl_mpi.privacy as privacy_mod
 
-    original = lip.make_latent_penalty
+    original = privacy_mod.make_latent_penalty
     try:
-        lip.make_latent_penalty = lambda cfg, *, prior, **kw: original(cfg, prior=Spy(prior), **kw)
+        privacy_mod.make_latent_penalty = (
+            lambda cfg, *, prior, **kw: original(cfg, prior=Spy(prior), **kw))
         penalty = public_penalty(state, ledger, plan, generator=torch.Generator().manual_seed(0))
     finally:
-        lip.make_latent_penalty = original
+        privacy_mod.make_latent_penalty = original
     penalty(state.vae)
     np.testing.assert_array_equal(drawn[0].means, np.asarray(ledger.prior["means"], np.float32))
     assert plan.batch_size == 64  # the configured batch size, not a realised Poisson one

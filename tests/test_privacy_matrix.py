@@ -14,12 +14,14 @@ import pytest
 import torch
 
 import alignfl_mpi.client as client_mod
-import alignfl_mpi.lipschitz as lipschitz_mod
-from alignfl_mpi.client import new_local_state, run_averaging_round, run_local_round
+import alignfl_mpi.privacy as privacy_mod
+import alignfl_mpi.strategies.fedprox as fedprox_mod
+from alignfl_mpi.client import new_local_state
 from alignfl_mpi.config import load_config
 from alignfl_mpi.errors import ConfigError
-from alignfl_mpi.models import build_vae
+from alignfl_mpi.models import build_vae, model_spec
 from alignfl_mpi.privacy import LOCAL_ONLY_METRICS
+from alignfl_mpi.strategies import build_strategy
 
 STRATEGIES = ("align-fl", "fedavg", "fedprox")
 MODES = ("none", "decoder", "full")
@@ -34,7 +36,8 @@ COMBINATIONS = list(itertools.product(STRATEGIES, MODES, CLIPPINGS, PENALTIES, C
 
 def overrides(strategy, mode, clipping, penalty, conditional, prior) -> list[str]:
     cond = str(conditional).lower()
-    return [f'strategy="{strategy}"', "fedprox_mu=0.01", "n_clients=2",
+    options = ["strategy_options.mu=0.01"] if strategy == "fedprox" else []
+    return [f'strategy="{strategy}"', *options, "n_clients=2",
             f'client.privacy.mode="{mode}"', f'client.privacy.clipping="{clipping}"',
             f'client.privacy.prior="{prior}"', f"client.privacy.epsilon={EPSILON}",
             f"client.lipschitz.weight={penalty}", f"client.model.conditional={cond}",
@@ -70,6 +73,8 @@ class Spy:
         def counted(*a, **k):
             self.calls += 1
             return inner(*a, **k)
+        if hasattr(inner, "reads_data"):
+            counted.reads_data = inner.reads_data
         return counted
 
 
@@ -82,6 +87,7 @@ def test_combination_is_honoured_or_refused_in_one_line(combo, data, monkeypatch
     strategy, mode, clipping, penalty, conditional, prior = combo
     try:
         cfg = load_config(None, overrides=overrides(*combo))
+        strategy_obj = build_strategy(cfg)
     except ConfigError as exc:
         assert must_refuse(*combo), f"refused but should run: {exc}"
         message = str(exc)
@@ -90,26 +96,27 @@ def test_combination_is_honoured_or_refused_in_one_line(combo, data, monkeypatch
         return
     assert not must_refuse(*combo), "accepted but must be refused"
 
-    spies = {name: Spy(getattr(lipschitz_mod, name))
-             for name in ("make_penalty", "make_latent_penalty")}
-    for name, spy in spies.items():
-        monkeypatch.setattr(lipschitz_mod, name, spy)
-    proximal = Spy(client_mod.proximal_penalty)
-    monkeypatch.setattr(client_mod, "proximal_penalty", proximal)
+    spies = {"make_penalty": Spy(client_mod.make_penalty),
+             "make_latent_penalty": Spy(privacy_mod.make_latent_penalty)}
+    monkeypatch.setattr(client_mod, "make_penalty", spies["make_penalty"])
+    monkeypatch.setattr(privacy_mod, "make_latent_penalty", spies["make_latent_penalty"])
+    proximal = Spy(fedprox_mod.ProximalTerm)
+    monkeypatch.setattr(fedprox_mod, "ProximalTerm", proximal)
 
     images, labels = data
     ccfg = cfg.client_config(0)
     state = new_local_state(0, ccfg, seed=0, device=torch.device("cpu"))
     state.extra["total_rounds"] = 1
     if strategy == "align-fl":
-        update = run_local_round(state, images, round_=0, seed=0, labels=labels)
+        update = strategy_obj.client_round(state, images, round_=0, labels=labels,
+                                           global_state=None)
         assert set(update.state) == set(state.vae.decoder.state_dict())
     else:
         torch.manual_seed(1)
         global_state = {k: v.numpy() for k, v in build_vae(
-            client_mod.model_spec(cfg.server.model)).state_dict().items()}
-        update = run_averaging_round(state, images, global_state, round_=0, seed=0,
-                                     mu=cfg.fedprox_mu if strategy == "fedprox" else 0.0)
+            model_spec(cfg.server.model)).state_dict().items()}
+        update = strategy_obj.client_round(state, images, round_=0, labels=labels,
+                                           global_state=global_state)
         assert set(update.state) == set(state.vae.state_dict())
         assert (proximal.calls > 0) == (strategy == "fedprox")  # once per step
     metrics = update.metrics

@@ -1,11 +1,12 @@
 import numpy as np
 import pytest
 import torch
+from strategy_helpers import local_round, make_strategy
 
-from alignfl_mpi.client import new_local_state, run_local_round
+from alignfl_mpi.client import new_local_state
 from alignfl_mpi.config import ClientConfig, ModelConfig, load_config
 from alignfl_mpi.errors import MessageError
-from alignfl_mpi.messages import DecoderUpdate, decode_message, encode_message
+from alignfl_mpi.messages import ClientUpdate, decode_message, encode_message
 from alignfl_mpi.server import ServerState, validate_update
 
 CPU = torch.device("cpu")
@@ -17,7 +18,7 @@ def _update(arch="mlp", latent=2, seed=0, epochs=1):
                        local_epochs=epochs, prior_components=3)
     st = new_local_state(0, cfg, seed=seed, device=CPU)
     data = torch.rand(64, 1, 28, 28)
-    return st, run_local_round(st, data, round_=0, seed=seed)
+    return st, local_round(st, data, round_=0, seed=seed)
 
 
 def _server(**over):
@@ -38,7 +39,7 @@ def test_update_contains_decoder_and_prior_only():
                   if not n.startswith("decoder.")]
     for arr in upd.state.values():
         assert not any(a.shape == arr.shape and np.array_equal(a, arr) for a in enc_arrays)
-    msg = DecoderUpdate(round=0, client_id=0, spec=upd.spec, state=upd.state,
+    msg = ClientUpdate(round=0, client_id=0, spec=upd.spec, state=upd.state,
                         prior=upd.prior, metrics=upd.metrics).to_message()
     wire = encode_message(msg)
     payload = sum(a.nbytes for a in upd.state.values()) + sum(a.nbytes for a in upd.prior.values())
@@ -60,7 +61,7 @@ def test_accept_sample_train_and_mixed_architectures():
     again, _ = server.sample_synthetic(round_=0)
     assert torch.equal(images, again)  # seeded per round
     before = [p.detach().clone() for p in server.vae.parameters()]
-    m = server.train_global(images, round_=0)
+    m = make_strategy(cfg=server.cfg).train_global(server, images, round_=0)
     assert np.isfinite(m["loss"]) and m["n_synthetic"] == 40
     assert any(not torch.equal(p, q) for p, q in zip(before, server.vae.parameters()))
 
@@ -109,31 +110,3 @@ def test_rejected_update_keeps_stored_decoder():
     assert server.registry[0].round == 0
 
 
-def test_average_states_is_sample_weighted():
-    from alignfl_mpi.server import average_states
-
-    a = {"w": np.array([1.0, 2.0], np.float32), "n": np.array(3, np.int64)}
-    b = {"w": np.array([4.0, 8.0], np.float32), "n": np.array(9, np.int64)}
-    out = average_states([a, b], [100, 200])
-    np.testing.assert_allclose(out["w"], [3.0, 6.0])
-    assert out["w"].dtype == np.float32 and int(out["n"]) == 3
-
-
-def test_accept_full_averages_into_global():
-    server = _server()
-    states = []
-    for k, n in ((0, 10.0), (1, 30.0)):
-        st = {kk: v.numpy() + 0.01 * k for kk, v in server.vae.state_dict().items()}
-        states.append(st)
-        server.accept_full(k, spec=server.spec.to_dict(), state=st, round_=0,
-                           metrics={"n_samples": n})
-    assert sorted(server.registry) == [0, 1]  # decoders kept for evaluation
-    server.average_pending()
-    name = next(iter(states[0]))
-    np.testing.assert_allclose(server.vae.state_dict()[name].numpy(),
-                               0.25 * states[0][name] + 0.75 * states[1][name],
-                               rtol=1e-6, atol=1e-7)
-    bad = dict(states[0])
-    with pytest.raises(MessageError, match="differs from the global model"):
-        server.accept_full(0, spec={**server.spec.to_dict(), "latent_dim": 3}, state=bad,
-                           round_=1, metrics={})

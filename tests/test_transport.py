@@ -8,20 +8,20 @@ import numpy as np
 import pytest
 
 from alignfl_mpi.errors import MessageError
-from alignfl_mpi.messages import DecoderUpdate, Message, Stop, Tag, TrainInstruction, encode_message
+from alignfl_mpi.messages import ClientUpdate, Message, Stop, Tag, TrainInstruction, encode_message
 from alignfl_mpi.transport import ANY_SOURCE, Transport, comm_world, node_local, world_info
 
 MPI = pytest.importorskip("mpi4py.MPI")
 
 
-def make_update(*, n_floats: int, client_id: int = 0) -> DecoderUpdate:
+def make_update(*, n_floats: int, client_id: int = 0) -> ClientUpdate:
     rng = np.random.default_rng(n_floats)
     state = {
         "fc.weight": rng.standard_normal(n_floats).astype(np.float32),
         "fc.bias": np.arange(3.0),
     }
     prior = {"means": np.ones((2, 2), dtype=np.float32)}
-    return DecoderUpdate(
+    return ClientUpdate(
         round=1, client_id=client_id, spec={"name": "mlp"}, state=state, prior=prior, metrics={}
     )
 
@@ -58,7 +58,7 @@ def test_decoder_update_to_self(comm: MPI.Comm, n_floats: int) -> None:
     got = transport.recv(timeout=5)
     assert got is not None and got.ok, got and got.error
     assert (got.source, got.tag, got.nbytes) == (0, Tag.UPDATE, sent)
-    assert isinstance(got.payload, DecoderUpdate)
+    assert isinstance(got.payload, ClientUpdate)
     for name, array in update.state.items():
         assert got.payload.state[name].dtype == array.dtype
         assert got.payload.state[name].tobytes() == array.tobytes()

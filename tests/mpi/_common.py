@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run straight fro
 import numpy as np  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
-from alignfl_mpi.messages import DecoderUpdate  # noqa: E402
+from alignfl_mpi.messages import ClientUpdate  # noqa: E402
 
 
 def make_update(
@@ -23,7 +23,7 @@ def make_update(
     n_rows: int = 8,
     n_cols: int = 16,
     round: int = 0,  # noqa: A002
-) -> DecoderUpdate:
+) -> ClientUpdate:
     """Build a deterministic update: the same arguments give identical arrays on every rank."""
     rng = np.random.default_rng(1000 + client_id)
     state = {
@@ -32,7 +32,7 @@ def make_update(
         "bn.num_batches_tracked": np.array(client_id, dtype=np.int64),
     }
     prior = {"weights": np.full(3, 1 / 3), "means": rng.standard_normal((3, 4)).astype(np.float32)}
-    return DecoderUpdate(
+    return ClientUpdate(
         round=round,
         client_id=client_id,
         spec={"name": "mlp_vae", "latent_dim": 4},
@@ -42,7 +42,7 @@ def make_update(
     )
 
 
-def same_update(got: DecoderUpdate, want: DecoderUpdate) -> list[str]:
+def same_update(got: ClientUpdate, want: ClientUpdate) -> list[str]:
     """Differences between two updates (empty when identical, arrays bit for bit)."""
     problems = []
     for field in ("round", "client_id", "spec", "metrics"):

@@ -29,11 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import numpy as np  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
-from alignfl_mpi.client import model_spec  # noqa: E402
 from alignfl_mpi.config import load_config  # noqa: E402
 from alignfl_mpi.messages import (  # noqa: E402
     Bye,
-    DecoderUpdate,
+    ClientUpdate,
     Message,
     Ready,
     RemoteError,
@@ -42,7 +41,10 @@ from alignfl_mpi.messages import (  # noqa: E402
     encode_message,
     parse_payload,
 )
-from alignfl_mpi.models import build_decoder  # noqa: E402
+from alignfl_mpi.models import (
+    build_decoder,  # noqa: E402
+    model_spec,  # noqa: E402
+)
 from alignfl_mpi.prior import standard_normal_prior  # noqa: E402
 from alignfl_mpi.transport import node_local  # noqa: E402
 
@@ -77,7 +79,7 @@ def send(tag, msg):
 
 def update_msg(r, *, client_id=me, state=None, spec_dict=None, prior_arrays=None,
                metrics=None, round_=None):
-    upd = DecoderUpdate(round=r if round_ is None else round_, client_id=client_id,
+    upd = ClientUpdate(round=r if round_ is None else round_, client_id=client_id,
                         spec=spec_dict or spec.to_dict(), state=state or honest,
                         prior=prior if prior_arrays is None else prior_arrays, metrics={})
     msg = upd.to_message()

@@ -1,4 +1,4 @@
-"""Ranks 1..N-1 each send a ~2 MB DecoderUpdate to rank 0, which gets them in any order.
+"""Ranks 1..N-1 each send a ~2 MB ClientUpdate to rank 0, which gets them in any order.
 
 Run: ``mpiexec -n 4 python -m mpi4py tests/mpi/roundtrip_updates.py``
 """
@@ -10,7 +10,7 @@ import time
 import _common
 from mpi4py import MPI
 
-from alignfl_mpi.messages import DecoderUpdate, Tag
+from alignfl_mpi.messages import ClientUpdate, Tag
 from alignfl_mpi.transport import Transport
 
 N_ROWS, N_COLS = 512, 1024  # 2 MiB of float32
@@ -46,7 +46,7 @@ def receive_all(transport: Transport) -> list[str]:
         elif got.source in arrivals:
             failures.append(f"second update from rank {got.source}")
         else:
-            assert isinstance(got.payload, DecoderUpdate)
+            assert isinstance(got.payload, ClientUpdate)
             want = _common.make_update(client_id=got.source, n_rows=N_ROWS, n_cols=N_COLS, round=4)
             failures += [f"rank {got.source}: {p}" for p in _common.same_update(got.payload, want)]
         arrivals.append(got.source)
