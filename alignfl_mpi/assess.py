@@ -32,9 +32,13 @@ import torch
 
 from .arrays import images_to_tensor
 from .config import RunConfig
+from .datasets import DATASETS, data_root
 from .evaluation import evaluate_vae, save_image_grid
+from .lipschitz import lipschitz_report
+from .metrics import feature_net_path, load_or_train_feature_net, quality_report
 from .models import VAE
-from .schema import OUTLIER_TEST, TEST, read_client, read_partition_info, read_split
+from .privacy_metrics import outlier_survival, privacy_report, train_domain_classifier
+from .schema import OUTLIER_LABEL, OUTLIER_TEST, TEST, read_client, read_partition_info, read_split
 from .seeds import Role, derive_seed
 
 log = logging.getLogger(__name__)
@@ -73,7 +77,6 @@ def reference_classifier(partition: str | Path, *, device: torch.device) -> Any:
 
     Deterministic (seed 0), so the server and the outlier client train the same one.
     """
-    from .privacy_metrics import train_domain_classifier
 
     ref = reference_split(partition)
     if ref is None:
@@ -104,8 +107,6 @@ def client_outlier_survival(vae: VAE, outliers: np.ndarray, classifier: Any, *,
                             device: torch.device) -> float:
     """Share of a client's outliers whose reconstruction through its own VAE is still
     classified as outlier domain (computed on the client; only the number leaves)."""
-    from .privacy_metrics import outlier_survival
-    from .schema import OUTLIER_LABEL
 
     labels = (np.full(len(outliers), OUTLIER_LABEL, np.int64)
               if getattr(vae, "spec", None) is not None and vae.spec.n_classes else None)
@@ -139,8 +140,6 @@ class RoundEvaluator:
         self._setup_privacy(attrs)
 
     def _feature_net(self, dataset: str) -> Any:
-        from .datasets import DATASETS, data_root
-        from .metrics import feature_net_path, load_or_train_feature_net
 
         root = data_root(self.cfg.data.data_root or None)
         if dataset not in DATASETS or not (root / dataset).is_dir():
@@ -214,7 +213,6 @@ class RoundEvaluator:
 
     def lipschitz(self, state: Any, *, round_: int) -> dict[int, dict[str, float]]:
         """Empirical and upper-bound Lipschitz constants of every stored decoder."""
-        from .lipschitz import lipschitz_report
 
         out = {}
         for cid in sorted(state.registry):
@@ -233,7 +231,6 @@ class RoundEvaluator:
     def privacy_metrics(self, state: Any, pool: tuple[torch.Tensor, torch.Tensor]
                         ) -> dict[str, float]:
         """Outlier survival, distance to closest record and MIA AUCs (see module doc)."""
-        from .privacy_metrics import privacy_report
 
         p = self.privacy
         images, labels = pool
@@ -252,7 +249,6 @@ class RoundEvaluator:
     def quality(self, state: Any, *, round_: int,
                 pool: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, float]:
         """FID-LeNet and friends of the global VAE's samples and of the synthetic pool."""
-        from .metrics import quality_report
 
         gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, Role.EVAL_QUALITY, round_))
         was_training = state.vae.training

@@ -110,7 +110,7 @@ def make_penalty(
     generator: torch.Generator,
     grad_norm_mode: str | None = None,
 ) -> Penalty:
-    """Build the decoder gradient penalty for ``client.train_epochs``.
+    """Build the decoder gradient penalty of a client's plain training (``client.train_vae``).
 
     The returned ``penalty(vae, mu)`` detaches the batch's posterior means ``mu``
     ``(B, d)``, draws ``a ~ U(0, 1)`` per row and a permutation ``pi`` of the batch

@@ -1,7 +1,8 @@
 """Client-side differential privacy: DP-SGD with per-sample clipping, accounting, a DP prior.
 
 Plain PyTorch/NumPy, no MPI. :func:`train_private_round` is what
-:func:`alignfl_mpi.client.run_local_round` calls when ``privacy.mode != "none"``. One round:
+:meth:`alignfl_mpi.strategies.base.Strategy.client_round` calls when
+``privacy.mode != "none"``. One round:
 
 1. **Plan** (:func:`plan_privacy`, once per run, kept in ``state.extra``): one noise
    multiplier for DP-SGD and one for the prior, calibrated jointly so that the composition
@@ -1284,8 +1285,8 @@ def train_private_round(state: LocalState, data: Tensor, *, round_: int, seed: i
 
     Reads ``state.extra["total_rounds"]`` (set by the runtime before the first round) and
     keeps the accountant history, the adaptive clip bound and the client's secret seed in
-    ``state.extra["privacy"]``. ALIGN-FL (:func:`alignfl_mpi.client.run_local_round`) and
-    DP-FedAvg/DP-FedProx (:func:`alignfl_mpi.client.run_averaging_round`) both call it.
+    ``state.extra["privacy"]``. ALIGN-FL and the averaging strategies (DP-FedAvg, DP-FedProx,
+    ...) all call it from their client round (:mod:`alignfl_mpi.strategies`).
 
     Args:
         state: The client (``state.cfg.privacy.mode`` is ``decoder`` or ``full``).

@@ -32,6 +32,8 @@ import torch
 
 from .arrays import arrays_to_state, images_to_tensor, state_arrays
 from .config import RunConfig, to_dict
+from .evaluation import evaluate_vae
+from .metrics import LeNet
 from .models import build_vae, model_spec, vae_loss
 from .results import RESULTS_NAME, ResultsWriter
 from .schema import TEST, read_client, read_partition_info, read_split
@@ -98,7 +100,6 @@ def _client_sets(partition: Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _new_net(seed: int) -> torch.nn.Module:
-    from .metrics import LeNet
 
     torch.manual_seed(seed)
     return LeNet(n_classes=10)
@@ -180,7 +181,6 @@ def centralized_vae(partition: Path, cfg: RunConfig, *, out: Path, epochs: int =
         The evaluation of every epoch (``latent_accuracy``, ``latent_f1``,
         ``recon_error``, ``latent_var_<d>``, ``latent_var_min_ratio``).
     """
-    from .evaluation import evaluate_vae
 
     s = cfg.server
     sets = _client_sets(partition)

@@ -49,6 +49,7 @@ from .models import VAE, ModelSpec, build_decoder, build_vae
 from .prior import GaussianMixturePrior
 from .results import RESULTS_NAME, EpsilonSpent, Results, last_reported, load
 from .schema import OUTLIER_TEST, TEST, read_partition_info, read_split
+from .strategies import DEFAULT_STRATEGY, STRATEGIES
 
 __all__ = ["comparison_table", "headline_table", "per_round_table", "run_names", "run_report",
            "runs_table", "seed_groups"]
@@ -944,8 +945,8 @@ def run_report(paths: Sequence[Path], *, out: Path, partition: Path | None = Non
 def _describe(res: Results) -> str:
     """One sentence on what a run was: strategy, clients, data, rounds, privacy."""
     part = res.attrs.get("partition_attrs") or {}
-    strategy = {"align-fl": "ALIGN-FL", "fedavg": "FedAvg", "fedprox": "FedProx"}.get(
-        str(res.config_value("strategy", "align-fl")), str(res.config_value("strategy")))
+    name = str(res.config_value("strategy", DEFAULT_STRATEGY))
+    strategy = STRATEGIES[name].title if name in STRATEGIES else name
     n = res.attrs.get("n_clients", res.config_value("n_clients", "?"))
     data = f"{part.get('dataset') or res.config_value('data.dataset', '?')}"
     scheme = part.get("scheme") or res.config_value("data.scheme")

@@ -47,6 +47,9 @@ from .schema import (
     _open,
 )
 
+DEFAULT_STRATEGY = "align-fl"
+"""The strategy of a run whose stored config names none (``RunConfig``'s default)."""
+
 RESULTS_NAME = "results.h5"
 #: Client attributes that hold a round number (renumbered when reading version 1).
 CLIENT_ROUND_KEYS = ("update_round", "busy_round")
@@ -363,7 +366,7 @@ class Results:
             "status": self.attrs.get("status"),
             "rounds_completed": int(self.attrs.get("rounds_completed", len(self.rounds))),
             "rounds": self.config_value("rounds"),
-            "strategy": self.config_value("strategy", "align-fl"),
+            "strategy": self.config_value("strategy", DEFAULT_STRATEGY),
             "privacy_mode": self.config_value("client.privacy.mode", "none"),
             "epsilon_spent": self.epsilon_spent(),
         }

@@ -41,6 +41,7 @@ import torch
 
 from . import __version__
 from .arrays import images_to_tensor, to_uint8_images
+from .assess import RoundEvaluator, client_outlier_survival, reference_classifier
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .client import LocalState, SharedUpdate, new_local_state
 from .config import DEFAULT_PRESET, RunConfig, load_config, to_json
@@ -57,9 +58,10 @@ from .messages import (
     Tag,
     TrainInstruction,
 )
+from .partition import PartitionRequest, default_partition_path, make_partition
 from .private import client_private_dir, ensure_private
 from .progress import CLIENT_MIN_INTERVAL_S, ProgressDisplay, ProgressTable, StepReporter
-from .results import RESULTS_NAME, ResultsWriter
+from .results import RESULTS_NAME, ResultsWriter, load
 from .runlock import RunLock
 from .schema import CHECKPOINT_NAME, client_sizes, read_client, read_partition_info, read_split
 from .server import ServerState
@@ -140,7 +142,6 @@ def _toml_str(text: str) -> str:
 
 def partition_path(cfg: RunConfig) -> Path:
     """The configured partition file, or the default one under the data root."""
-    from .partition import default_partition_path
 
     if cfg.data.partition:
         return Path(cfg.data.partition)
@@ -149,7 +150,6 @@ def partition_path(cfg: RunConfig) -> Path:
 
 
 def partition_request(cfg: RunConfig) -> Any:
-    from .partition import PartitionRequest
 
     d = cfg.data
     return PartitionRequest(dataset=d.dataset, scheme=d.scheme, n_clients=cfg.n_clients,
@@ -213,6 +213,8 @@ def _clean_text(text: str, limit: int = 2000) -> str:
 # --- entry point ----------------------------------------------------------------------
 def main_run(args: Any) -> int:
     """``alignfl-mpi run``: rank 0 runs the server, ranks 1..N the clients."""
+    # the one deferred import: importing mpi4py initialises MPI, which only a launched
+    # run may do (the loops above are tested without MPI, over a fake transport)
     from .transport import Transport, comm_world, node_local
 
     comm = comm_world()
@@ -323,7 +325,6 @@ class ClientLoop:
             self.state.extra["total_rounds"] = self.cfg.rounds
             self.outliers = part.images[part.outlier]
             if len(self.outliers) and ccfg.privacy.mode == "none":  # DP: not covered by epsilon
-                from .assess import reference_classifier
 
                 self.classifier = reference_classifier(partition_path(self.cfg), device=device)
             log.info("client %d on %s, device %s, %d samples (%d outliers)", self.client_id,
@@ -358,7 +359,6 @@ class ClientLoop:
                               send=lambda done, total: self._send_progress(r, done, total)):
                 update = self.local_train(r)
             if self.classifier is not None:
-                from .assess import client_outlier_survival
 
                 update.metrics["survival_recon_client"] = client_outlier_survival(
                     self.state.vae, self.outliers, self.classifier, device=self.state.device)
@@ -520,8 +520,6 @@ class Server:
             time.sleep(0.005)
 
     def server_start(self) -> None:
-        from .evaluation import latent_classification  # noqa: F401  (fail early on import)
-        from .partition import make_partition
 
         cfg = self.cfg
         path = partition_path(cfg)
@@ -567,7 +565,6 @@ class Server:
         """
         if not self.results_path.exists():
             return
-        from .results import load
 
         stored = _flatten(load(self.results_path).config)
         now = _flatten(json.loads(to_json(self.cfg)))  # as stored: tuples become lists
@@ -590,7 +587,6 @@ class Server:
         path = self.ckpt_dir / CHECKPOINT_NAME
         if not path.exists():
             if self.results_path.exists():
-                from .results import load
 
                 done = int(load(self.results_path).attrs.get("rounds_completed", 0))
                 if done:
@@ -606,7 +602,6 @@ class Server:
         return self.state.rounds_done
 
     def _make_evaluator(self) -> Any:
-        from .assess import RoundEvaluator
 
         return RoundEvaluator(cfg=self.cfg, partition=self.partition.path,
                               test_images=self.test_images, test_labels=self.test_labels,

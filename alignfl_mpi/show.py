@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .results import RESULTS_NAME, Results, last_reported, load
+from .results import DEFAULT_STRATEGY, RESULTS_NAME, Results, last_reported, load
 
 #: Per-round columns: (title, table, key). ``metric`` reads :meth:`Results.metric`.
 ROUND_COLUMNS = (("server loss", "server", "loss"), ("latent acc", "metric", "latent_accuracy"),
@@ -112,7 +112,7 @@ def _privacy_line(res: Results) -> str:
 
 
 def _run_line(res: Results) -> str:
-    strategy = res.config_value("strategy", "align-fl")
+    strategy = res.config_value("strategy", DEFAULT_STRATEGY)
     n = res.attrs.get("n_clients", res.config_value("n_clients"))
     text = (f"{strategy}, {n} clients, seed {res.config_value('seed', '?')}, "
             f"{res.config_value('client.local_epochs', '?')} local epochs per round")

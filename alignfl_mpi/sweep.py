@@ -9,9 +9,9 @@ settings. A finished setting is skipped and an unfinished one is resumed, so a s
 that was interrupted continues where it stopped. ``epsilon = inf`` means no DP.
 
 Every (epsilon, lambda_lip) pair runs: under DP the Lipschitz penalty is evaluated at public
-latent points and leaves epsilon unchanged. With ``strategy = "fedavg"`` or ``"fedprox"``
-the DP settings are DP-FedAvg / DP-FedProx (``privacy.mode = "full"``, the N(0, I) prior
-those strategies share, so ``privacy.prior = "standard"``).
+latent points and leaves epsilon unchanged. With a strategy that shares the whole VAE
+(FedAvg, FedProx, ...) the DP settings are DP-FedAvg and friends (``privacy.mode = "full"``,
+the N(0, I) prior those strategies share, so ``privacy.prior = "standard"``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from pathlib import Path
 
 from .config import load_config
 from .errors import ConfigError
-from .privacy import AVERAGING_STRATEGIES
+from .results import load
+from .strategies import build_strategy, strategy_class
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,11 @@ class Setting:
         eps = "inf" if math.isinf(self.epsilon) else f"{self.epsilon:g}"
         return f"{dataset}_eps{eps}_lip{self.lip:g}"
 
-    def overrides(self, dp_mode: str, *, strategy: str = "align-fl") -> list[str]:
-        """The ``--set`` flags of this setting.
+    def overrides(self, dp_mode: str, *, whole_model: bool = False) -> list[str]:
+        """The ``--set`` flags of this setting (``whole_model``: the strategy shares the
+        whole VAE with an N(0, I) prior).
 
-        >>> Setting(2.0, 0.1).overrides("full", strategy="fedavg")[2:]
+        >>> Setting(2.0, 0.1).overrides("full", whole_model=True)[2:]
         ['client.privacy.epsilon=2.0', 'client.privacy.prior="standard"']
         """
         out = [f"client.lipschitz.weight={self.lip!r}"]
@@ -60,7 +62,7 @@ class Setting:
             out.append('client.privacy.mode="none"')
         else:
             out += [f'client.privacy.mode="{dp_mode}"', f"client.privacy.epsilon={self.epsilon!r}"]
-            if strategy in AVERAGING_STRATEGIES:  # they share N(0, I): nothing to privatise
+            if whole_model:  # they share N(0, I): nothing to privatise
                 out.append('client.privacy.prior="standard"')
         return out
 
@@ -93,7 +95,6 @@ def grid(epsilons: list[float], lips: list[float]) -> list[Setting]:
 def _status(results: Path) -> str:
     if not results.exists():
         return "new"
-    from .results import load
 
     try:
         return "finished" if load(results).finished else "partial"
@@ -111,10 +112,10 @@ def run_sweep(*, config: str | None, epsilons: list[float], lips: list[float], n
     """
     base = load_config(config, overrides=extra or [])
     mode = dp_mode or (base.client.privacy.mode if base.client.privacy.mode != "none" else "full")
-    if dp_mode is None and base.strategy in AVERAGING_STRATEGIES:
+    whole = strategy_class(base.strategy).update_kind == "model"
+    if dp_mode is None and whole:
         mode = "full"  # the whole VAE is shared: only mode "full" is private
     settings = grid(epsilons, lips)
-    strategy = base.strategy
     exe = shutil.which("alignfl-mpi") or str(Path(sys.executable).parent / "alignfl-mpi")
     launch = shlex.split(launcher)
     if not dry_run and shutil.which(launch[0]) is None and not Path(launch[0]).exists():
@@ -123,8 +124,8 @@ def run_sweep(*, config: str | None, epsilons: list[float], lips: list[float], n
     runnable, refused = [], {}
     for s in settings:
         try:
-            load_config(config,
-                        overrides=[*(extra or []), *s.overrides(mode, strategy=strategy)])
+            build_strategy(load_config(
+                config, overrides=[*(extra or []), *s.overrides(mode, whole_model=whole)]))
             runnable.append(s)
         except ConfigError as exc:
             refused.setdefault(str(exc), []).append(s.name(base.data.dataset))
@@ -142,7 +143,7 @@ def run_sweep(*, config: str | None, epsilons: list[float], lips: list[float], n
         cmd = [*launch, "-n", str(np_), exe, "run", "--output", str(run_dir)]
         if config:
             cmd += ["--config", config]
-        for flag in [*(extra or []), *s.overrides(mode, strategy=strategy)]:
+        for flag in [*(extra or []), *s.overrides(mode, whole_model=whole)]:
             cmd += ["--set", flag]
         if state in ("partial", "unreadable"):
             cmd.append("--resume")

@@ -2,7 +2,7 @@
 
 The DP epoch is :class:`alignfl_mpi.privacy.PrivateTrainer` (Poisson batches, ghost norms +
 book-keeping clipped sums, adaptive clip bound, Gaussian noise, Adam). The plain epoch is
-:func:`alignfl_mpi.client.train_epochs`. Both start from the same weights; one warm-up epoch
+:func:`alignfl_mpi.client.train_vae`. Both start from the same weights; one warm-up epoch
 each, then ``--repeats`` timed epochs of each, interleaved; the medians are compared, in
 wall-clock time and in this process's CPU time (steadier on a shared machine).
 
@@ -39,8 +39,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from alignfl_mpi.client import images_to_tensor, train_epochs  # noqa: E402
-from alignfl_mpi.config import LipschitzConfig, PrivacyConfig  # noqa: E402
+from alignfl_mpi.arrays import images_to_tensor  # noqa: E402
+from alignfl_mpi.client import LocalState, train_vae  # noqa: E402
+from alignfl_mpi.config import ClientConfig, LipschitzConfig, PrivacyConfig  # noqa: E402
 from alignfl_mpi.lipschitz import make_latent_penalty, make_penalty  # noqa: E402
 from alignfl_mpi.models import ModelSpec, build_vae  # noqa: E402
 from alignfl_mpi.prior import standard_normal_prior  # noqa: E402
@@ -101,10 +102,11 @@ def plain_epoch_fn(data: torch.Tensor, batch_size: int, device: torch.device,
     gen = torch.Generator().manual_seed(1)
     penalty = (make_penalty(LipschitzConfig(weight=lip), generator=torch.Generator().manual_seed(4))
                if lip > 0 else None)
-    return synchronised(lambda: train_epochs(vae, opt, data, epochs=1, batch_size=batch_size,
-                                             kl_weight=1.0, generator=gen, device=device,
-                                             penalty=penalty),
-                        device)
+    state = LocalState(client_id=0, cfg=ClientConfig(local_epochs=1, batch_size=batch_size,
+                                                     kl_weight=1.0),
+                       vae=vae, optimizer=opt, device=device)
+    term = None if penalty is None else (lambda v, _x, mu: penalty(v, mu)[0])
+    return synchronised(lambda: train_vae(state, data, generator=gen, terms=(term,)), device)
 
 
 def dp_epoch_fn(data: torch.Tensor, batch_size: int, mode: str, clipping: str,

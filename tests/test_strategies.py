@@ -193,3 +193,11 @@ def test_fedprox_pulls_the_local_model_towards_the_global_one():
 
     assert drift("fedprox", mu=10.0) < 0.8 * drift("fedavg")
     assert drift("fedprox", mu=0.0) == drift("fedavg")
+
+
+def test_the_default_strategy_is_one_name_everywhere():
+    from alignfl_mpi.config import RunConfig
+    from alignfl_mpi.results import DEFAULT_STRATEGY as RESULTS_DEFAULT
+    from alignfl_mpi.strategies import DEFAULT_STRATEGY
+
+    assert RunConfig().strategy == RESULTS_DEFAULT == DEFAULT_STRATEGY in STRATEGIES

@@ -22,7 +22,7 @@ from .base import Strategy
 from .fedavg import FedAvg
 from .fedprox import FedProx
 
-__all__ = ["STRATEGIES", "Strategy", "build_strategy", "strategy_class"]
+__all__ = ["DEFAULT_STRATEGY", "STRATEGIES", "Strategy", "build_strategy", "strategy_class"]
 
 STRATEGIES: dict[str, type[Strategy]] = {
     AlignFL.name: AlignFL,
@@ -30,6 +30,10 @@ STRATEGIES: dict[str, type[Strategy]] = {
     FedProx.name: FedProx,
 }
 """The registry: the config's ``strategy`` value -> its class."""
+
+DEFAULT_STRATEGY = RunConfig().strategy
+"""The strategy of a config that names none (and of results files written before the
+config recorded it)."""
 
 
 def strategy_class(name: str) -> type[Strategy]:
