@@ -19,7 +19,7 @@ import torch
 
 from .arrays import state_arrays
 from .lipschitz import make_penalty
-from .models import CONDITIONAL_CLASSES, build_vae, latent_means, model_spec, vae_loss
+from .models import CONDITIONAL_CLASSES, VAE, build_vae, latent_means, model_spec, vae_loss
 from .prior import GaussianMixturePrior, fit_gmm
 from .privacy import LOCAL_ONLY_METRICS
 from .seeds import Role, derive_seed
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Term = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+Term = Callable[[VAE, torch.Tensor, torch.Tensor], torch.Tensor]
 """An extra loss term ``(vae, x, mu) -> scalar`` of a minibatch (reported as ``penalty``)."""
 
 Posterior = list[tuple[torch.Tensor, torch.Tensor]]
@@ -43,7 +43,7 @@ class LocalState:
 
     client_id: int
     cfg: ClientConfig
-    vae: torch.nn.Module
+    vae: VAE
     optimizer: torch.optim.Optimizer
     device: torch.device
     rounds_done: int = 0

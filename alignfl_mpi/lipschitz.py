@@ -216,7 +216,8 @@ def _penalty_at(
     weight, target, form = float(cfg.weight), float(cfg.target), cfg.form
 
     def at(vae: nn.Module, z: Tensor) -> tuple[Tensor, float]:
-        norms = _grad_norms(vae.decode, z, mode=mode, generator=generator)
+        norms = _grad_norms(vae.decode, z, mode=mode,  # type: ignore[arg-type]
+                            generator=generator)  # nn.Module: decode is a method
         if form == "two-sided":
             per_point = (norms - 1.0).square()
         else:
@@ -246,7 +247,7 @@ def _grad_norms(
     if mode == "random":
         v = torch.randn(z.shape, generator=generator).to(device=z.device, dtype=z.dtype)
         v = v / v.norm(dim=1, keepdim=True).clamp_min(_EPS)
-        _, tangent = jvp(decode, (z,), (v,))
+        tangent = jvp(decode, (z,), (v,))[1]
         return (tangent.flatten(1).square().sum(1) + _EPS).sqrt()
     return jacobian_spectral_norms(decode, z)
 
@@ -272,7 +273,7 @@ def jacobian_spectral_norms(decode: Callable[[Tensor], Tensor], z: Tensor) -> Te
     for j in range(z.shape[1]):
         e = torch.zeros_like(z)
         e[:, j] = 1.0
-        _, tangent = jvp(decode, (z,), (e,))
+        tangent = jvp(decode, (z,), (e,))[1]
         columns.append(tangent.flatten(1))
     jac = torch.stack(columns, dim=2)  # (B, P, d)
     gram = jac.transpose(1, 2) @ jac  # (B, d, d); eigvalsh's gradient is always stable
@@ -372,7 +373,8 @@ def operator_norm(
     shape = (1, *input_shape)
 
     def gram(v: Tensor) -> Tensor:  # v -> A^T A v on flat vectors
-        y, adjoint = vjp(lambda x: _conv_without_bias(layer, x, weight), v.reshape(shape))
+        out = vjp(lambda x: _conv_without_bias(layer, x, weight), v.reshape(shape))
+        y, adjoint = out[0], out[1]  # (output, vjp function); torch's stub says 3-tuple
         return adjoint(y)[0].flatten()
 
     gen = torch.Generator().manual_seed(seed)
@@ -415,9 +417,9 @@ def _conv_without_bias(layer: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
             raise ValueError("transposed convolutions support only zero padding")
         fn = {1: nn.functional.conv_transpose1d, 2: nn.functional.conv_transpose2d,
               3: nn.functional.conv_transpose3d}[x.ndim - 2]
-        return fn(x, weight, None, layer.stride, layer.padding, layer.output_padding,
-                  layer.groups, layer.dilation)
-    return layer._conv_forward(x, weight, None)
+        return fn(x, weight, None, layer.stride, layer.padding,  # type: ignore[arg-type]
+                  layer.output_padding, layer.groups, layer.dilation)
+    return layer._conv_forward(x, weight, None)  # type: ignore[operator]  # a ConvNd
 
 
 def spectral_upper_bound(
@@ -503,7 +505,10 @@ def _activation_factor(module: nn.Module) -> float | None:
 
 def _layer_factor(layer: nn.Module, shape: tuple[int, ...] | None) -> float:
     if not isinstance(layer, _OPERATOR_LAYERS):
-        return float(_activation_factor(layer))
+        factor = _activation_factor(layer)
+        if factor is None:
+            raise ValueError(f"no Lipschitz constant known for layer {layer!r}")
+        return float(factor)
     if shape is None:
         raise ValueError(f"layer {layer!r} did not run in the dummy forward pass")
     return operator_norm(layer, shape)
@@ -522,8 +527,8 @@ def _layer_input_shapes(
                if isinstance(m, _OPERATOR_LAYERS)]
     try:
         param = next(iter(decoder.parameters()), None)
-        kwargs = {"device": param.device, "dtype": param.dtype} if param is not None else {}
-        decoder(torch.zeros(1, *input_shape, **kwargs))
+        decoder(torch.zeros((1, *input_shape), device=None if param is None else param.device,
+                            dtype=None if param is None else param.dtype))
     finally:
         for handle in handles:
             handle.remove()

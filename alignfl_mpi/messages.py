@@ -309,7 +309,7 @@ def decode_message(buf: bytes | bytearray | memoryview | np.ndarray, *, max_byte
     alignfl_mpi.errors.MessageError: bad magic b'AFL0' (expected b'AFL1'): not an alignfl_mpi ...
     """
     try:
-        view = memoryview(buf).cast("B")
+        view = memoryview(buf).cast("B")  # type: ignore[arg-type]  # ndarray: a buffer
     except (TypeError, ValueError) as exc:
         raise MessageError(f"message buffer is not a contiguous byte buffer ({exc})") from None
     total = len(view)
@@ -981,7 +981,7 @@ Payload = (StartInstruction | TrainInstruction | ClientUpdate | RemoteError | St
            | GlobalModel | Bye | Progress)
 """Any payload dataclass."""
 
-PAYLOAD_TYPES: dict[Tag, type] = {
+PAYLOAD_TYPES: dict[Tag, Any] = {  # the payload classes (TAG, to/from_message)
     Tag.START: StartInstruction,
     Tag.TRAIN: TrainInstruction,
     Tag.UPDATE: ClientUpdate,

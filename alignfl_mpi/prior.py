@@ -245,9 +245,9 @@ def _kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     for _ in range(1, k):
         total = dist2.sum()
         if total > 0:
-            idx = rng.choice(x.shape[0], p=dist2 / total)
+            idx = int(rng.choice(x.shape[0], p=dist2 / total))
         else:
-            idx = rng.integers(x.shape[0])
+            idx = int(rng.integers(x.shape[0]))
         centers.append(x[idx])
         dist2 = np.minimum(dist2, ((x - x[idx]) ** 2).sum(axis=1))
     return np.array(centers)

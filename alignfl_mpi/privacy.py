@@ -42,9 +42,9 @@ import logging
 import math
 import secrets
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import numpy as np
 import torch
@@ -492,6 +492,12 @@ class PrivacyLedger:
     clip_bound: float | None = None
     prior: dict[str, list[Any]] = field(default_factory=dict)
 
+    def released_prior(self) -> GaussianMixturePrior | None:
+        """The prior this client released last, or None before its first release."""
+        if not self.prior:
+            return None
+        return GaussianMixturePrior(**{k: np.asarray(v) for k, v in self.prior.items()})
+
     @classmethod
     def from_extra(cls, extra: dict[str, Any]) -> PrivacyLedger:
         """The ledger in ``extra`` (a fresh one, with a new secret, if there is none)."""
@@ -690,6 +696,12 @@ class _Unit:
         self.inputs.append(inputs[0].detach())
         self.outputs.append(output)
 
+    def grad(self) -> Tensor:
+        """The gradient at the layer's output from the last :meth:`PerSampleClipper.backward`."""
+        if self.grad_out is None:
+            raise RuntimeError(f"layer {self.name!r}: no backward pass since the forward")
+        return self.grad_out
+
     def output(self) -> Tensor:
         if len(self.outputs) != 1:
             raise RuntimeError(f"layer {self.name!r} ran {len(self.outputs)} times in one "
@@ -734,7 +746,7 @@ class _LinearUnit(_Unit):
         self.effective = {}
 
     def _flat(self) -> tuple[Tensor, Tensor]:
-        a, g = self.inputs[0], self.grad_out
+        a, g = self.inputs[0], self.grad()
         if a.dim() == 2:
             return a, g
         return a.flatten(1, -2), g.flatten(1, -2)  # (B, T, d): per-sample sums over T
@@ -792,11 +804,12 @@ class _VmapUnit(_Unit):
 
             detached = {n: p.detach() for n, p in self.params.items()}
             self._per_sample = torch.func.vmap(torch.func.grad(inner), in_dims=(None, 0, 0))(
-                detached, self.inputs[0], self.grad_out)
+                detached, self.inputs[0], self.grad())
         return self._per_sample
 
     def sq_norms(self) -> Tensor:
-        return sum(g.flatten(1).double().pow(2).sum(1) for g in self._grads().values())
+        return cast(Tensor, sum(g.flatten(1).double().pow(2).sum(1)
+                                for g in self._grads().values()))
 
     def clipped_sums(self, factors: Tensor) -> list[Tensor]:
         return [torch.einsum("b,b...->...", factors.to(g.dtype), g)
@@ -813,7 +826,8 @@ class _VmapUnit(_Unit):
 def _owned_parameters(module: nn.Module) -> list[nn.Parameter]:
     own = [p for p in module.parameters(recurse=False) if p.requires_grad]
     if parametrize.is_parametrized(module):
-        own += [p for p in module.parametrizations.parameters() if p.requires_grad]
+        plist = cast(nn.Module, module.parametrizations)
+        own += [p for p in plist.parameters() if p.requires_grad]
     return own
 
 
@@ -879,7 +893,7 @@ class PerSampleClipper:
             for handle in handles:
                 handle.remove()
 
-    def backward(self, losses: Tensor, others: list[Tensor] = ()) -> list[Tensor | None]:
+    def backward(self, losses: Tensor, others: Sequence[Tensor] = ()) -> list[Tensor | None]:
         """Backpropagate ``losses.sum()`` to every layer output (and to ``others``).
 
         Returns:
@@ -899,7 +913,7 @@ class PerSampleClipper:
         more than ``_NORM_EPS``, so a clipped gradient could exceed C.
         """
         if self._norms is None:
-            self._norms = sum(u.sq_norms() for u in self.units).sqrt()
+            self._norms = cast(Tensor, sum(u.sq_norms() for u in self.units)).sqrt()
         return self._norms
 
     @torch.no_grad()
@@ -998,7 +1012,7 @@ class PrivateTrainer:
         self.regulariser = regulariser
         self.regulariser_value = 0.0
         self.kl_weight, self.device = kl_weight, device
-        private = vae if mode == "full" else vae.decoder
+        private = vae if mode == "full" else cast(nn.Module, vae.decoder)
         self.clipper = PerSampleClipper(private)
         private_ids = {id(p) for p in private.parameters()}
         self.public_params = [p for p in vae.parameters()
@@ -1204,7 +1218,7 @@ def _release_prior(state: LocalState, data: Tensor, *, plan: PrivacyPlan,
     if state.cfg.privacy.prior == "standard":
         return standard_normal_prior(latent_dim)
     latents = latent_means(state.vae, data, device=state.device)
-    init = GaussianMixturePrior(**ledger.prior) if ledger.prior else None
+    init = ledger.released_prior()
     prior = dp_fit_gmm(latents, n_components=state.cfg.prior_components,
                        noise_multiplier=plan.prior_noise_multiplier,
                        radius=prior_radius(latent_dim), rng=np.random.default_rng(seed),
@@ -1260,8 +1274,7 @@ def public_penalty(state: LocalState, ledger: PrivacyLedger, plan: PrivacyPlan, 
     cfg = state.cfg
     if cfg.lipschitz.weight <= 0:
         return None
-    prior = (GaussianMixturePrior(**ledger.prior) if ledger.prior
-             else standard_normal_prior(cfg.model.latent_dim))
+    prior = ledger.released_prior() or standard_normal_prior(cfg.model.latent_dim)
     return make_latent_penalty(cfg.lipschitz, prior=prior, n_points=plan.batch_size,
                                generator=generator)
 
@@ -1273,7 +1286,7 @@ def _combine(*terms: Regulariser | None) -> Regulariser | None:
 
     def total(vae: nn.Module) -> tuple[Tensor, float]:
         values = [t(vae) for t in active]
-        return sum(v for v, _ in values), sum(f for _, f in values)
+        return cast(Tensor, sum(v for v, _ in values)), float(sum(f for _, f in values))
 
     return total
 

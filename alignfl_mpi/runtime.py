@@ -443,6 +443,11 @@ class Server:
         self.asked_at: dict[int, float] = {}  # client -> when its current request was sent
         self.writer: ResultsWriter | None = None
 
+    def _results(self) -> ResultsWriter:
+        """The results file's writer (it exists from the end of :meth:`server_start`)."""
+        assert self.writer is not None, "no results writer before server_start"
+        return self.writer
+
     def _send(self, client: int, payload: Any) -> None:
         """Start a send to a client without waiting for it to be received."""
         self.outbox = [p for p in self.outbox if not p.test()]
@@ -553,7 +558,7 @@ class Server:
         self.writer = ResultsWriter(self.results_path, config_json=to_json(cfg), attrs=attrs,
                                     resume_from_round=self.start_round if self.resume else None)
         self.evaluator = self._make_evaluator()
-        self.writer.set_attrs(self.evaluator.attrs())
+        self._results().set_attrs(self.evaluator.attrs())
         log.info("server on %s, device %s; %d clients, %d rounds, partition %s",
                  socket.gethostname(), self.device, self.n, cfg.rounds, path)
 
@@ -638,7 +643,7 @@ class Server:
             log.warning("client %d not ready after %.0f s; treated as a straggler", c,
                         self.cfg.server.start_timeout_s)
             self.busy[c] = -1
-        self.writer.set_attrs({"clients_info": info})
+        self._results().set_attrs({"clients_info": info})
         log.info("clients ready: %s", ", ".join(
             f"{c}@{v.get('host', '?')}:{v.get('device', 'failed')}" for c, v in sorted(
                 info.items(), key=lambda kv: int(kv[0]))))
@@ -702,7 +707,7 @@ class Server:
             synthetic = (to_uint8_images(images.cpu()), labels.numpy())
         timings["io"] = 0.0
         timings["round"] = time.perf_counter() - t_round
-        self.writer.write_round(r, clients=record.clients, server=server_metrics,
+        self._results().write_round(r, clients=record.clients, server=server_metrics,
                                 evaluation=evaluation, timings=timings, synthetic=synthetic)
         if cfg.output.checkpoint:
             save_checkpoint(self.ckpt_dir / CHECKPOINT_NAME,
@@ -711,7 +716,7 @@ class Server:
                              "round": r, "version": __version__})
         timings["io"] = time.perf_counter() - t0
         timings["round"] = time.perf_counter() - t_round
-        self.writer.update_timings(r, timings)  # now including the I/O of this round
+        self._results().update_timings(r, timings)  # now including the I/O of this round
         self._progress(r, record, server_metrics, evaluation, timings)
 
     def collect(self, r: int, record: RoundRecord, *, deadline: float | None) -> None:
@@ -764,8 +769,8 @@ class Server:
         if c not in self.busy:
             what = str(rcv.error) if not rcv.ok else f"unsolicited {Tag(rcv.tag).name} message"
             log.warning("round %d: rejected message from %s: %s", _round_no(r), who, what)
-            entry = record.clients.setdefault(c, {"status": "idle"})
-            entry["unsolicited"] = int(entry.get("unsolicited", 0)) + 1
+            idle = record.clients.setdefault(c, {"status": "idle"})
+            idle["unsolicited"] = int(idle.get("unsolicited", 0)) + 1
             return
         was_round = self.busy.pop(c)
         entry: dict[str, Any] = {"message_bytes": rcv.nbytes}
@@ -887,7 +892,7 @@ class Server:
         for cid in self.state.registry:
             d = self.state.decoder_arrays(cid)
             decoders[cid] = {k: d[k] for k in ("spec", "round", "state", "prior")}
-        self.writer.write_final(global_state=self.state.global_arrays(),
+        self._results().write_final(global_state=self.state.global_arrays(),
                                 global_spec=self.state.spec.to_dict(), decoders=decoders)
 
 

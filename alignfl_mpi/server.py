@@ -216,7 +216,7 @@ class ServerState:
             MessageError: The update is invalid; the stored decoder is kept.
         """
         model, gm = validate_update(spec=spec, state=state, prior=prior,
-                                    image_shape=tuple(self.spec.image_shape),
+                                    image_shape=self.spec.image_shape,
                                     max_params=self.max_params)
         decoder = build_decoder(model)
         decoder.load_state_dict(arrays_to_state(state), strict=True)

@@ -121,7 +121,8 @@ def run_sweep(*, config: str | None, epsilons: list[float], lips: list[float], n
     if not dry_run and shutil.which(launch[0]) is None and not Path(launch[0]).exists():
         raise ConfigError(f"launcher {launch[0]!r} not found; pass --launcher (mpiexec, srun)")
     written = []
-    runnable, refused = [], {}
+    runnable: list[Setting] = []
+    refused: dict[str, list[str]] = {}
     for s in settings:
         try:
             build_strategy(load_config(
