@@ -1,26 +1,36 @@
 #!/usr/bin/env bash
 # The paper's comparison, scaled down for a 2-core workstation, on one dataset:
 # ALIGN-FL (paper setup, and with conditional decoders + a synthetic-only classifier),
-# ALIGN-FL with DP (epsilon 10) and with a Lipschitz penalty (lambda 1), FedAvg, FedProx,
-# and the reference classifiers; then one report over all of them.
+# ALIGN-FL with DP (epsilon 10) and with a Lipschitz penalty (lambda 1), the baselines FedAvg,
+# FedProx, FedAdam and MOON (each with its default strategy_options), and the reference
+# classifiers; then one report over all of them.
 #
 #   experiments/compare.sh mnist            # or fashion-mnist
 #   NP=6 ROUNDS=3 LOCAL_EPOCHS=2 OUT=runs/compare experiments/compare.sh mnist
+#   RUNS="fedavg fedprox fedadam moon" experiments/compare.sh mnist   # only these runs
 #
 # Scaled down from the paper's setting: ROUNDS (default 3) rounds of LOCAL_EPOCHS (default 2)
 # local epochs instead of 10; everything else (5 clients in class pairs, 6000 per class,
 # 600 cross-domain outliers on client 0, the MLP VAE with latent_dim 2, 1000 samples per
 # client) is the default `paper` preset of `alignfl-mpi run`. Finished runs are skipped, so a
-# rerun continues.
+# rerun continues. RUNS (default: all) names the runs to make, `reference` included; the report
+# covers those of them that exist.
 set -euo pipefail
 DATASET=${1:-mnist}
 NP=${NP:-6}
 ROUNDS=${ROUNDS:-3}
 LOCAL_EPOCHS=${LOCAL_EPOCHS:-2}
 OUT=${OUT:-runs/compare}/$DATASET
+ALL="align-fl align-fl-cond align-fl-dp10 align-fl-lip1 fedavg fedprox fedadam moon reference"
+RUNS=${RUNS:-$ALL}
+for name in $RUNS; do
+  [[ " $ALL " == *" $name "* ]] || { echo "compare.sh: unknown run '$name'; choose from: $ALL" >&2; exit 2; }
+done
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 common=(--set "data.dataset=\"$DATASET\"" --rounds "$ROUNDS" --set "client.local_epochs=$LOCAL_EPOCHS")
 [ -n "${DATA_ROOT:-}" ] && common+=(--data-root "$DATA_ROOT")
+
+want() { [[ " $RUNS " == *" $1 "* ]]; }
 
 finished() {  # exit 0 when $1/results.h5 holds a finished run
   python -c "import sys; from alignfl_mpi.results import load; sys.exit(0 if load('$1/results.h5').finished else 1)" 2>/dev/null
@@ -28,6 +38,7 @@ finished() {  # exit 0 when $1/results.h5 holds a finished run
 
 run() {
   local name=$1; shift
+  want "$name" || return 0
   resume=()
   if [ -f "$OUT/$name/results.h5" ]; then
     if finished "$OUT/$name"; then echo "== $name: finished, skipped"; return; fi
@@ -43,9 +54,14 @@ run align-fl-dp10 --set client.privacy.mode=\"full\" --set client.privacy.epsilo
 run align-fl-lip1 --set client.lipschitz.weight=1.0
 run fedavg --set strategy=\"fedavg\"
 run fedprox --set strategy=\"fedprox\"
-partition=$(python -c "import sys; from alignfl_mpi.results import load; print(load('$OUT/align-fl/results.h5').attrs['partition'])")
-[ -f "$OUT/reference/centralized/results.h5" ] || \
+run fedadam --set strategy=\"fedadam\"
+run moon --set strategy=\"moon\"
+runs=()
+for name in $RUNS; do [ -f "$OUT/$name/results.h5" ] && runs+=("$OUT/$name"); done
+if want reference && [ ! -f "$OUT/reference/centralized/results.h5" ]; then
+  [ ${#runs[@]} -gt 0 ] || { echo "compare.sh: the reference needs one federated run for its partition" >&2; exit 2; }
+  partition=$(python -c "import sys; from alignfl_mpi.results import load; print(load('${runs[0]}/results.h5').attrs['partition'])")
   alignfl-mpi reference --partition "$partition" --out "$OUT/reference" --rounds "$ROUNDS" --local-epochs "$LOCAL_EPOCHS"
-alignfl-mpi report "$OUT"/align-fl "$OUT"/align-fl-cond "$OUT"/align-fl-dp10 "$OUT"/align-fl-lip1 \
-  "$OUT"/fedavg "$OUT"/fedprox "$OUT"/reference/centralized "$OUT"/reference/fedavg-classifier \
-  --out "$OUT/report"
+fi
+want reference && runs+=("$OUT"/reference/centralized "$OUT"/reference/fedavg-classifier)
+alignfl-mpi report "${runs[@]}" --out "$OUT/report"

@@ -6,7 +6,7 @@ the config checks and the reports go through :func:`build_strategy` and the clas
 attributes.
 
 >>> sorted(STRATEGIES)
-['align-fl', 'fedavg', 'fedprox']
+['align-fl', 'fedadam', 'fedavg', 'fedprox', 'moon']
 >>> strategy_class("fedprox").OPTIONS
 {'mu': 0.01}
 """
@@ -19,8 +19,10 @@ from ..config import RunConfig
 from ..errors import ConfigError
 from .align_fl import AlignFL
 from .base import Strategy
+from .fedadam import FedAdam
 from .fedavg import FedAvg
 from .fedprox import FedProx
+from .moon import Moon
 
 __all__ = ["DEFAULT_STRATEGY", "STRATEGIES", "Strategy", "build_strategy", "strategy_class"]
 
@@ -28,6 +30,8 @@ STRATEGIES: dict[str, type[Strategy]] = {
     AlignFL.name: AlignFL,
     FedAvg.name: FedAvg,
     FedProx.name: FedProx,
+    FedAdam.name: FedAdam,
+    Moon.name: Moon,
 }
 """The registry: the config's ``strategy`` value -> its class."""
 

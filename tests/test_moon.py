@@ -1,0 +1,172 @@
+"""MOON: the contrastive term, the previous model in the client's state; one tiny run."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from mpi_helpers import find_mpiexec
+from strategy_helpers import local_round
+
+from alignfl_mpi.client import new_local_state
+from alignfl_mpi.config import ClientConfig, ModelConfig, load_config
+from alignfl_mpi.errors import ConfigError
+from alignfl_mpi.models import ModelSpec, build_vae
+from alignfl_mpi.strategies import build_strategy
+from alignfl_mpi.strategies.moon import PREVIOUS_KEY, ContrastiveTerm, Moon, contrastive_loss
+
+CPU = torch.device("cpu")
+HIDDEN = (16, 8)
+CFG = ClientConfig(model=ModelConfig(hidden=HIDDEN), local_epochs=1, batch_size=16, lr=1e-2)
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.rand(32, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+
+
+def _arrays(seed: int) -> dict[str, np.ndarray]:
+    torch.manual_seed(seed)
+    return {k: v.numpy().copy() for k, v in
+            build_vae(ModelSpec(arch="mlp", hidden=HIDDEN)).state_dict().items()}
+
+
+GLOBALS = [_arrays(1), _arrays(2)]  # the global models of rounds 0 and 1
+
+
+def _rounds(strategy: str, images, n: int = 2, **options):
+    """``n`` local rounds of a fresh client; its state and its updates."""
+    state = new_local_state(0, CFG, seed=0, device=CPU)
+    updates = [local_round(state, images, round_=r, seed=0, strategy=strategy,
+                           global_state=GLOBALS[r], **options) for r in range(n)]
+    return state, updates
+
+
+# --- the term ------------------------------------------------------------------------------
+def test_contrastive_loss_equals_the_formula():
+    gen = torch.Generator().manual_seed(3)
+    z, zg, zp = (torch.randn(5, 3, generator=gen, dtype=torch.float64) for _ in range(3))
+    t = 0.3
+
+    def cos(a, b):
+        return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+
+    pos, neg = torch.exp(cos(z, zg) / t), torch.exp(cos(z, zp) / t)
+    expected = (-torch.log(pos / (pos + neg))).mean()
+    assert float(contrastive_loss(z, zg, zp, temperature=t)) == pytest.approx(float(expected),
+                                                                              rel=1e-12)
+
+
+def test_contrastive_loss_is_lower_when_z_is_closer_to_the_global_representation():
+    z = torch.tensor([[1.0, 0.2], [0.5, -1.0]])
+    near, far = z + 0.05, torch.tensor([[-1.0, 0.4], [0.3, 1.0]])
+    low = contrastive_loss(z, near, far, temperature=0.5)
+    high = contrastive_loss(z, far, near, temperature=0.5)
+    assert float(low) < float(torch.log(torch.tensor(2.0))) < float(high)
+
+
+def test_term_gradient_reaches_the_encoder_and_mean_head_only(images):
+    vae = build_vae(ModelSpec(arch="mlp", hidden=HIDDEN))
+    glob = {k: torch.from_numpy(v) for k, v in GLOBALS[0].items()}
+    vae.load_state_dict(glob)
+    term = ContrastiveTerm(vae, {k: torch.from_numpy(v) for k, v in GLOBALS[1].items()},
+                           weight=2.0, temperature=0.5)
+    with torch.no_grad():  # the local model moves away from the global one
+        for p in vae.encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    _, mu, _ = vae(images)
+    value = term(vae, images, mu)
+    assert value.ndim == 0 and float(value.detach()) > 0
+    value.backward()
+    for name, p in vae.named_parameters():
+        reached = p.grad is not None and bool(p.grad.abs().sum() > 0)
+        assert reached == name.startswith(("encoder.", "fc_mu.")), name
+    # the frozen copies hold the global and previous weights, untouched and without grads
+    for frozen, source in ((term.glob, glob), (term.previous, GLOBALS[1])):
+        for name, p in frozen.state_dict().items():
+            np.testing.assert_array_equal(p.numpy(), np.asarray(source[name]), err_msg=name)
+        assert not any(p.requires_grad for p in frozen.parameters())
+
+
+# --- the client round ----------------------------------------------------------------------
+def test_first_round_is_fedavg_and_previous_model_is_kept_in_extra(images):
+    state, (u0, u1) = _rounds("moon", images)
+    _, (f0, _) = _rounds("fedavg", images)
+    for name, value in f0.state.items():  # no previous model yet: no term, FedAvg's round
+        np.testing.assert_array_equal(u0.state[name], value, err_msg=name)
+    assert f0.metrics["penalty"] == u0.metrics["penalty"] == 0.0
+    assert u1.metrics["penalty"] > 0  # the term is on from the second round
+    previous = state.extra[PREVIOUS_KEY]  # the model at the end of the last round
+    assert set(previous) == set(u1.state)
+    for name, value in u1.state.items():
+        assert previous[name].device.type == "cpu"
+        np.testing.assert_array_equal(previous[name].numpy(), value, err_msg=name)
+
+
+def test_previous_model_survives_the_client_checkpoint(images):
+    state, _ = _rounds("moon", images, n=1)
+    buffer = io.BytesIO()
+    torch.save(state.state_dict(), buffer)
+    after = local_round(state, images, round_=1, seed=0, strategy="moon",
+                        global_state=GLOBALS[1])
+    buffer.seek(0)
+    resumed = new_local_state(0, CFG, seed=5, device=CPU)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))  # as the runtime loads it
+    replay = local_round(resumed, images, round_=1, seed=0, strategy="moon",
+                         global_state=GLOBALS[1])
+    assert replay.metrics["penalty"] == after.metrics["penalty"] > 0
+    for name, value in after.state.items():
+        np.testing.assert_array_equal(replay.state[name], value, err_msg=name)
+
+
+def test_term_changes_the_round_and_mu_zero_is_fedavg_bit_for_bit(images):
+    _, (_, fedavg) = _rounds("fedavg", images)
+    _, (_, off) = _rounds("moon", images, mu=0.0)
+    _, (_, on) = _rounds("moon", images, mu=5.0)
+    for name, value in fedavg.state.items():
+        np.testing.assert_array_equal(off.state[name], value, err_msg=name)
+    assert off.metrics["penalty"] == 0.0
+    assert any(not np.array_equal(on.state[k], fedavg.state[k]) for k in fedavg.state)
+    # the term's gradient reaches the mean head
+    assert not np.array_equal(on.state["fc_mu.weight"], fedavg.state["fc_mu.weight"])
+
+
+# --- configuration -------------------------------------------------------------------------
+def _cfg(*extra: str):
+    return load_config(overrides=['strategy="moon"', "n_clients=2", *extra])
+
+
+def test_options_defaults_validation_and_dp_refused_in_one_line():
+    assert Moon.OPTIONS == {"mu": 1.0, "temperature": 0.5}
+    assert build_strategy(_cfg("strategy_options.temperature=0.1")).options == \
+        {"mu": 1.0, "temperature": 0.1}
+    for setting, message in (("strategy_options.mu=-1", "mu must be a finite number >= 0"),
+                             ("strategy_options.temperature=0",
+                              "temperature must be a finite number > 0"),
+                             ('client.privacy.mode="full"',
+                              "cannot run with client.privacy.mode = 'full'.*reads private "
+                              "data")):
+        with pytest.raises(ConfigError, match=message) as info:
+            build_strategy(_cfg(setting))
+        assert "\n" not in str(info.value)
+
+
+# --- under mpiexec -------------------------------------------------------------------------
+@pytest.mark.skipif(find_mpiexec() is None, reason="no mpiexec available")
+def test_moon_runs_under_mpiexec(tmp_path):
+    from test_mpi_runtime import launch, tiny_partition, write_config
+
+    from alignfl_mpi.results import load
+
+    part = tiny_partition(tmp_path / "p.h5", n_clients=2)
+    cfg = write_config(tmp_path / "c.toml", part, tmp_path / "run", n_clients=2, rounds=2)
+    proc = launch(3, "run", "--config", str(cfg), "--set", 'strategy="moon"', timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    res = load(tmp_path / "run" / "results.h5")
+    assert res.finished and res.config["strategy"] == "moon"
+    assert list(res.server["n_averaged"]) == [2.0, 2.0]
+    for c in (0, 1):  # no term in a client's first round, the term from its second
+        penalty = res.clients[c]["penalty"]
+        assert penalty[0] == 0.0 and penalty[1] > 0
