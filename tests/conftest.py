@@ -111,3 +111,80 @@ def pytest_collection_modifyitems(config, items):
             continue
         if any(call in source for call in _LAUNCHES):
             item.add_marker(pytest.mark.mpi)
+
+
+# --- one resume scenario under mpiexec, asserted on by two tests ----------------------------
+@pytest.fixture(scope="session")
+def resume_scenario(tmp_path_factory):
+    """One run folder taken through a run, a fresh start, two resumes and three refusals.
+
+    Seven launches of ``mpiexec -n 3 alignfl-mpi run`` (2 clients, the MPI tests' tiny config,
+    ``client.private_dir`` set), each with a timeout, serve two tests that used to launch
+    nine: ``test_mpi_runtime.py::test_resume_equals_uninterrupted`` and
+    ``test_private_dir.py::test_fresh_run_drops_stale_private_checkpoints_and_resume_needs_them``.
+
+    1. ``full``: 3 rounds uninterrupted; its results file is kept aside as the reference; then
+       the run folder is deleted (the clients' private folders stay, with 3 rounds of
+       checkpoints).
+    2. ``fresh``: a new run into the same folder with ``--rounds 1``: the stale private
+       checkpoints must be dropped.
+    3. ``resume2``: ``--resume --rounds 2``.
+    4. ``resume3``: ``--resume --rounds 3``: must equal ``full`` bit for bit.
+    5. ``changed``: ``--resume`` with another ``server.epochs``: refused, nothing lost.
+    6. ``exists``: a new run (no ``--resume``) into the folder: refused, nothing lost.
+    7. ``no_ckpt``: client 1's private checkpoints deleted, ``--resume --rounds 4``: the job
+       must end with client 1's error and record nothing.
+    """
+    import shutil
+    import subprocess
+
+    from mpi_helpers import find_mpiexec, run_cli
+    from test_mpi_runtime import tiny_partition, write_config
+
+    from alignfl_mpi.private import client_private_dir
+
+    if find_mpiexec() is None:
+        pytest.skip("no mpiexec available")
+    tmp = tmp_path_factory.mktemp("resume")
+    out, private = tmp / "run", tmp / "private"
+    part = tiny_partition(tmp / "p.h5", n_clients=2)
+    cfg = write_config(tmp / "c.toml", part, out, n_clients=2, rounds=3)
+    results = out / "results.h5"
+    s = {"out": out, "private": private, "procs": {}}
+
+    def launch(name, *extra):
+        try:
+            proc = run_cli(3, "run", "--config", str(cfg), "--set",
+                           f'client.private_dir="{private}"', *extra, timeout=240)
+        except subprocess.TimeoutExpired as exc:
+            pytest.fail(f"resume scenario, step {name}: mpiexec hung\n{exc.output}\n{exc.stderr}")
+        s["procs"][name] = proc
+        return proc
+
+    def ckpts(client):
+        return sorted(p.name for p in client_private_dir(str(private), str(out), client)
+                      .glob("*.ckpt"))
+
+    def keep(name):  # a copy of the results file as it is now (None when there is none)
+        if not results.exists():
+            return None
+        return shutil.copy(results, tmp / f"{name}.h5")
+
+    launch("full")
+    s["full"] = keep("full")
+    shutil.rmtree(out, ignore_errors=True)  # the run folder is gone; the private ones are not
+    launch("fresh", "--rounds", "1")
+    s["ckpts_after_fresh"] = ckpts(0)
+    launch("resume2", "--resume", "--rounds", "2")
+    s["after_resume2"] = keep("after_resume2")
+    launch("resume3", "--resume", "--rounds", "3")
+    s["resumed"] = keep("resumed")
+    for name, extra in (("changed", ["--resume", "--set", "server.epochs=3"]), ("exists", [])):
+        before = results.read_bytes() if results.exists() else b""
+        launch(name, *extra)
+        s[f"unchanged_by_{name}"] = results.exists() and results.read_bytes() == before
+    for ckpt in client_private_dir(str(private), str(out), 1).glob("*.ckpt"):
+        ckpt.unlink()
+    launch("no_ckpt", "--resume", "--rounds", "4")
+    s["after_no_ckpt"] = keep("after_no_ckpt")
+    return s

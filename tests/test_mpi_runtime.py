@@ -143,37 +143,34 @@ def _final_global(path):
     return state
 
 
-def test_resume_equals_uninterrupted(tmp_path):
-    part = tiny_partition(tmp_path / "p.h5", n_clients=2)
-    full = write_config(tmp_path / "full.toml", part, tmp_path / "full", n_clients=2, rounds=3)
-    assert launch(3, "run", "--config", str(full)).returncode == 0
-    short = write_config(tmp_path / "short.toml", part, tmp_path / "short", n_clients=2,
-                         rounds=2)
-    assert launch(3, "run", "--config", str(short)).returncode == 0
-    proc = launch(3, "run", "--config", str(short), "--resume", "--rounds", "3")
-    assert proc.returncode == 0, proc.stderr
-    assert "resuming after round 2" in proc.stderr
-    a, b = _final_global(tmp_path / "full" / "results.h5"), _final_global(
-        tmp_path / "short" / "results.h5")
+@pytest.mark.mpi
+def test_resume_equals_uninterrupted(resume_scenario):
+    """A run started with 1 round and resumed twice (to 2, then 3 rounds) ends bit for bit
+    equal to the same run uninterrupted; resuming with other settings, or a new run into the
+    folder, is refused and loses nothing (the launches: conftest.py's resume_scenario)."""
+    s = resume_scenario
+    procs = s["procs"]
+    for name in ("full", "fresh", "resume2", "resume3"):
+        assert procs[name].returncode == 0, f"{name}: {procs[name].stderr}"
+    assert "resuming after round 2" in procs["resume3"].stderr
+    a, b = _final_global(s["full"]), _final_global(s["resumed"])
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-    ra, rb = load(tmp_path / "full" / "results.h5"), load(tmp_path / "short" / "results.h5")
-    assert rb.rounds == [1, 2, 3]
+    ra, rb = load(s["full"]), load(s["resumed"])
+    assert ra.rounds == rb.rounds == [1, 2, 3]
     np.testing.assert_array_equal(ra.eval["latent_accuracy"], rb.eval["latent_accuracy"])
     np.testing.assert_array_equal(ra.clients[1]["loss"], rb.clients[1]["loss"])
     # resuming with other settings than the run's own is refused, nothing is lost
-    before = (tmp_path / "short" / "results.h5").read_bytes()
-    proc = launch(3, "run", "--config", str(short), "--resume", "--set", "server.epochs=3")
+    proc = procs["changed"]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert ("--resume: the settings differ from the run's own in server.epochs (3 now, 1 "
             "stored)") in proc.stderr, proc.stderr
-    assert (tmp_path / "short" / "results.h5").read_bytes() == before
+    assert s["unchanged_by_changed"]
     # a new run into an existing results directory is refused, nothing is lost
-    before = (tmp_path / "full" / "results.h5").read_bytes()
-    proc = launch(3, "run", "--config", str(full))
+    proc = procs["exists"]
     assert proc.returncode != 0 and "already exists; pass --resume" in proc.stderr
-    assert (tmp_path / "full" / "results.h5").read_bytes() == before
+    assert s["unchanged_by_exists"]
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedprox"])

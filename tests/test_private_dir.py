@@ -75,33 +75,21 @@ def test_dp_secret_never_lands_in_the_run_folder(tmp_path):
 
 
 @pytest.mark.mpi
-@pytest.mark.skipif(find_mpiexec() is None, reason="no mpiexec available")
-def test_fresh_run_drops_stale_private_checkpoints_and_resume_needs_them(tmp_path):
-    import shutil
-
-    cfg, out = fast_config(tmp_path, n_clients=2, rounds=3, output="png = false")
-    cfg.write_text(cfg.read_text().replace("checkpoint = false", ""))
-    private = f'client.private_dir="{tmp_path / "private"}"'
-
-    def run(*extra):
-        try:
-            return run_cli(3, "run", "--config", str(cfg), "--set", private, *extra, timeout=240)
-        except subprocess.TimeoutExpired as exc:
-            pytest.fail(f"run hung\n{exc.stderr}")
-
-    assert run().returncode == 0
-    shutil.rmtree(out)  # the run folder is gone; the clients' private folders are not
-    assert run("--rounds", "1").returncode == 0
-    folder = client_private_dir(str(tmp_path / "private"), str(out), 0)
-    assert sorted(p.name for p in folder.glob("*.ckpt")) == ["round_0001.ckpt"]
-    proc = run("--resume", "--rounds", "2")
-    assert proc.returncode == 0, proc.stderr
-    res = load(out / "results.h5")
+def test_fresh_run_drops_stale_private_checkpoints_and_resume_needs_them(resume_scenario):
+    """The launches are conftest.py's resume_scenario: a 3-round run whose run folder is then
+    deleted, a fresh run into it with 1 round, resumes to 2 and 3 rounds, then client 1's
+    private checkpoints deleted and a resume to 4 rounds."""
+    s = resume_scenario
+    procs = s["procs"]
+    assert procs["full"].returncode == 0, procs["full"].stderr
+    assert procs["fresh"].returncode == 0, procs["fresh"].stderr
+    # the fresh run dropped the 3-round run's private checkpoints of rounds 2 and 3
+    assert s["ckpts_after_fresh"] == ["round_0001.ckpt"]
+    assert procs["resume2"].returncode == 0, procs["resume2"].stderr
+    res = load(s["after_resume2"])
     assert res.finished and [list(res.clients[c]["status"]) for c in (0, 1)] == [["ok"] * 2] * 2
-    for ckpt in client_private_dir(str(tmp_path / "private"), str(out), 1).glob("*.ckpt"):
-        ckpt.unlink()
-    proc = run("--resume", "--rounds", "3")  # client 1 cannot resume: the job ends
+    proc = procs["no_ckpt"]  # client 1 cannot resume: the job ends
     assert proc.returncode != 0
     assert "client 1: AlignFLError: client 1: no checkpoint in" in proc.stderr
-    res = load(out / "results.h5")
-    assert res.rounds == [1, 2] and not res.finished  # round 3 never recorded
+    res = load(s["after_no_ckpt"])
+    assert res.rounds == [1, 2, 3] and not res.finished  # round 4 never recorded
