@@ -269,7 +269,7 @@ class RunConfig:
 
     seed: int = 0
     strategy: str = "align-fl"
-    strategy_options: dict[str, float] = field(default_factory=dict)
+    strategy_options: dict[str, Any] = field(default_factory=dict)
     rounds: int = 5
     n_clients: int = 5
     data: DataConfig = field(default_factory=DataConfig)
@@ -514,9 +514,10 @@ def validate(cfg: RunConfig) -> None:
     if not isinstance(cfg.strategy, str) or not cfg.strategy:
         raise ConfigError("config key 'strategy' must name a strategy, e.g. \"align-fl\"")
     for key, value in cfg.strategy_options.items():
-        if not math.isfinite(value):
-            raise ConfigError(f"config key 'strategy_options.{key}' must be a finite number, "
-                              f"got {value}")
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)) or (
+                isinstance(value, float) and not math.isfinite(value)):
+            raise ConfigError(f"config key 'strategy_options.{key}' must be a finite number or "
+                              f"a string, got {value!r}")
     _positive("n_clients", cfg.n_clients)
     if cfg.clients and len(cfg.clients) != cfg.n_clients:
         raise ConfigError(f"config has {len(cfg.clients)} [[clients]] tables but n_clients = "

@@ -55,24 +55,32 @@ def test_contrastive_loss_equals_the_formula():
 
     pos, neg = torch.exp(cos(z, zg) / t), torch.exp(cos(z, zp) / t)
     expected = (-torch.log(pos / (pos + neg))).mean()
-    assert float(contrastive_loss(z, zg, zp, temperature=t)) == pytest.approx(float(expected),
-                                                                              rel=1e-12)
+    assert float(contrastive_loss(z, zg, [zp], temperature=t)) == pytest.approx(
+        float(expected), rel=1e-12)
+    # every further previous model is one more negative in the denominator
+    zq = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    neg2 = torch.exp(cos(z, zq) / t)
+    expected2 = (-torch.log(pos / (pos + neg + neg2))).mean()
+    assert float(contrastive_loss(z, zg, [zp, zq], temperature=t)) == pytest.approx(
+        float(expected2), rel=1e-12)
 
 
 def test_contrastive_loss_is_lower_when_z_is_closer_to_the_global_representation():
     z = torch.tensor([[1.0, 0.2], [0.5, -1.0]])
     near, far = z + 0.05, torch.tensor([[-1.0, 0.4], [0.3, 1.0]])
-    low = contrastive_loss(z, near, far, temperature=0.5)
-    high = contrastive_loss(z, far, near, temperature=0.5)
+    low = contrastive_loss(z, near, [far], temperature=0.5)
+    high = contrastive_loss(z, far, [near], temperature=0.5)
     assert float(low) < float(torch.log(torch.tensor(2.0))) < float(high)
 
 
-def test_term_gradient_reaches_the_encoder_and_mean_head_only(images):
+@pytest.mark.parametrize(("kind", "heads"), [("mu", ("fc_mu.",)),
+                                             ("z", ("fc_mu.", "fc_logvar."))])
+def test_term_gradient_reaches_the_encoder_and_its_heads_only(images, kind, heads):
     vae = build_vae(ModelSpec(arch="mlp", hidden=HIDDEN))
     glob = {k: torch.from_numpy(v) for k, v in GLOBALS[0].items()}
     vae.load_state_dict(glob)
-    term = ContrastiveTerm(vae, {k: torch.from_numpy(v) for k, v in GLOBALS[1].items()},
-                           weight=2.0, temperature=0.5)
+    term = ContrastiveTerm(vae, [{k: torch.from_numpy(v) for k, v in GLOBALS[1].items()}],
+                           weight=2.0, temperature=0.5, kind=kind)
     with torch.no_grad():  # the local model moves away from the global one
         for p in vae.encoder.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -82,9 +90,9 @@ def test_term_gradient_reaches_the_encoder_and_mean_head_only(images):
     value.backward()
     for name, p in vae.named_parameters():
         reached = p.grad is not None and bool(p.grad.abs().sum() > 0)
-        assert reached == name.startswith(("encoder.", "fc_mu.")), name
+        assert reached == name.startswith(("encoder.", *heads)), name
     # the frozen copies hold the global and previous weights, untouched and without grads
-    for frozen, source in ((term.glob, glob), (term.previous, GLOBALS[1])):
+    for frozen, source in ((term.glob, glob), (term.previous[0], GLOBALS[1])):
         for name, p in frozen.state_dict().items():
             np.testing.assert_array_equal(p.numpy(), np.asarray(source[name]), err_msg=name)
         assert not any(p.requires_grad for p in frozen.parameters())
@@ -98,8 +106,8 @@ def test_first_round_is_fedavg_and_previous_model_is_kept_in_extra(images):
         np.testing.assert_array_equal(u0.state[name], value, err_msg=name)
     assert f0.metrics["penalty"] == u0.metrics["penalty"] == 0.0
     assert u1.metrics["penalty"] > 0  # the term is on from the second round
-    previous = state.extra[PREVIOUS_KEY]  # the model at the end of the last round
-    assert set(previous) == set(u1.state)
+    *_, previous = state.extra[PREVIOUS_KEY]  # the model at the end of the last round
+    assert len(state.extra[PREVIOUS_KEY]) == 2 and set(previous) == set(u1.state)
     for name, value in u1.state.items():
         assert previous[name].device.type == "cpu"
         np.testing.assert_array_equal(previous[name].numpy(), value, err_msg=name)
@@ -121,6 +129,13 @@ def test_previous_model_survives_the_client_checkpoint(images):
         np.testing.assert_array_equal(replay.state[name], value, err_msg=name)
 
 
+def test_buffer_keeps_the_newest_models(images):
+    state, updates = _rounds("moon", images, n=2, buffer_size=1)
+    (previous,) = state.extra[PREVIOUS_KEY]
+    for name, value in updates[-1].state.items():
+        np.testing.assert_array_equal(previous[name].numpy(), value, err_msg=name)
+
+
 def test_term_changes_the_round_and_mu_zero_is_fedavg_bit_for_bit(images):
     _, (_, fedavg) = _rounds("fedavg", images)
     _, (_, off) = _rounds("moon", images, mu=0.0)
@@ -139,12 +154,17 @@ def _cfg(*extra: str):
 
 
 def test_options_defaults_validation_and_dp_refused_in_one_line():
-    assert Moon.OPTIONS == {"mu": 1.0, "temperature": 0.5}
+    assert Moon.OPTIONS == {"mu": 1.0, "temperature": 0.5, "buffer_size": 5,
+                            "representation": "z"}  # the reference code's
     assert build_strategy(_cfg("strategy_options.temperature=0.1")).options == \
-        {"mu": 1.0, "temperature": 0.1}
+        {"mu": 1.0, "temperature": 0.1, "buffer_size": 5, "representation": "z"}
     for setting, message in (("strategy_options.mu=-1", "mu must be a finite number >= 0"),
                              ("strategy_options.temperature=0",
                               "temperature must be a finite number > 0"),
+                             ("strategy_options.buffer_size=0", "buffer_size must be >= 1"),
+                             ("strategy_options.buffer_size=1.5", "must be an integer"),
+                             ('strategy_options.representation="x"',
+                              "representation must be one of z, mu"),
                              ('client.privacy.mode="full"',
                               "cannot run with client.privacy.mode = 'full'.*reads private "
                               "data")):

@@ -49,8 +49,9 @@ class Strategy:
     needs_global_model: ClassVar[bool] = False
     #: Whether conditional VAEs (``model.conditional``) are supported.
     supports_conditional: ClassVar[bool] = False
-    #: The ``[strategy_options]`` this strategy reads, with their defaults.
-    OPTIONS: ClassVar[dict[str, float]] = {}
+    #: The ``[strategy_options]`` this strategy reads, with their defaults; a value must
+    #: have its default's type (an int is also a float).
+    OPTIONS: ClassVar[dict[str, float | int | str]] = {}
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -61,8 +62,18 @@ class Strategy:
                     f"; it takes {', '.join(sorted(self.OPTIONS)) or 'none'}")
             raise ConfigError(f"strategy_options.{unknown[0]} is not an option of strategy "
                               f"{self.name!r}{hint}")
-        self.options = {**self.OPTIONS, **{k: float(v) for k, v in
-                                           cfg.strategy_options.items()}}
+        self.options: dict[str, Any] = dict(self.OPTIONS)
+        for key, value in cfg.strategy_options.items():
+            default = self.OPTIONS[key]
+            if isinstance(default, float) and isinstance(value, int | float):
+                value = float(value)
+            elif isinstance(default, int) and not isinstance(value, int):
+                raise ConfigError(f"strategy_options.{key} must be an integer, got {value!r}")
+            elif isinstance(default, str) and not isinstance(value, str):
+                raise ConfigError(f"strategy_options.{key} must be a string, got {value!r}")
+            elif not isinstance(value, type(default)):
+                raise ConfigError(f"strategy_options.{key} must be a number, got {value!r}")
+            self.options[key] = value
 
     # --- configuration --------------------------------------------------------------------
     def validate(self) -> None:
