@@ -109,6 +109,20 @@ def test_dp_averaging_resume_repeats_the_round_exactly(images) -> None:
     assert ledger.sgd_history[0][2] == 6 and ledger.prior_history == []
 
 
+def test_dp_fedadam_client_round_is_dp_fedavgs(images) -> None:
+    """FedAdam changes only the server step: its DP client round is DP-FedAvg's."""
+    updates = []
+    for strategy in ("fedavg", "fedadam"):
+        state = fresh_state(dp_cfg())
+        state.extra["privacy"] = {"secret": 11}
+        updates.append(local_round(state, images, round_=0, seed=0, strategy=strategy,
+                                   global_state=global_arrays()))
+    avg, adam = updates
+    assert adam.metrics == avg.metrics and adam.metrics["dp_accounted"] == 1.0
+    for key, value in avg.state.items():
+        np.testing.assert_array_equal(adam.state[key], value)
+
+
 def test_dp_averaging_with_lipschitz_penalty(images) -> None:
     cfg = ClientConfig(**{**dp_cfg().__dict__, "lipschitz": LipschitzConfig(weight=1.0)})
     update = averaging_round(fresh_state(cfg), images, global_arrays(), round_=0, seed=0)
