@@ -2,8 +2,11 @@
 
 Plain PyTorch, no MPI, no strategy. The server keeps the latest accepted decoder and
 prior of every client (validated as untrusted input, probed before use), and draws the
-round's synthetic pool from them: ``samples_per_client`` images per client (prior ->
-decoder, labelled with the client id). What a strategy does with the pool (ALIGN-FL
+round's synthetic pool from them (prior -> decoder, labelled with the client id):
+``samples_per_client`` images per stored decoder, or, with ``server.pool_size`` > 0, a
+pool of that total size split over the stored decoders by ``server.pool_weighting``
+(:func:`pool_shares`), so that the server's cost per round does not grow with the number
+of clients. What a strategy does with the pool (ALIGN-FL
 trains the global VAE on it; the averaging strategies only evaluate it) and any state of
 its own live in :mod:`alignfl_mpi.strategies`.
 """
@@ -11,7 +14,10 @@ its own live in :mod:`alignfl_mpi.strategies`.
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,7 +33,6 @@ if TYPE_CHECKING:
     from .config import RunConfig
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -76,6 +81,76 @@ def split_class_weights(model: ModelSpec, prior: dict[str, np.ndarray]
     if not np.isfinite(weights).all() or (weights < 0).any() or abs(weights.sum() - 1) > 1e-4:
         raise MessageError("class weights must be a probability vector")
     return prior, weights / weights.sum()
+
+
+def pool_shares(weights: Mapping[int, Fraction | int], total: int) -> dict[int, int]:
+    """Split ``total`` images over decoders in proportion to ``weights`` (largest remainder).
+
+    Each decoder's quota ``total * w / sum(w)`` is computed exactly (as a fraction), its
+    integer part is given, and the images left over go one each to the largest fractional
+    parts, ties to the lower client id. The shares sum to ``total`` exactly; a decoder may
+    get 0.
+
+    Args:
+        weights: Client id -> non-negative weight (exact: an int or a Fraction); at least
+            one weight must be positive when ``weights`` is not empty.
+        total: Images to split (>= 0).
+
+    Returns:
+        Client id -> share, in client id order.
+
+    >>> pool_shares({0: 1, 1: 1, 2: 1}, 10)
+    {0: 4, 1: 3, 2: 3}
+    >>> pool_shares({3: 1, 7: 3}, 6)
+    {3: 2, 7: 4}
+    """
+    if total < 0:
+        raise ValueError(f"pool size must be >= 0, got {total}")
+    ids = sorted(weights)
+    if not ids:
+        return {}
+    w = {cid: Fraction(weights[cid]) for cid in ids}
+    if any(v < 0 for v in w.values()):
+        raise ValueError("pool weights must be non-negative")
+    sum_w = sum(w.values(), Fraction(0))
+    if sum_w <= 0:
+        raise ValueError("at least one pool weight must be positive")
+    quota = {cid: total * w[cid] / sum_w for cid in ids}
+    shares = {cid: math.floor(q) for cid, q in quota.items()}
+    left = total - sum(shares.values())
+    by_remainder = sorted(ids, key=lambda cid: (-(quota[cid] - shares[cid]), cid))
+    for cid in by_remainder[:left]:
+        shares[cid] += 1
+    return shares
+
+
+def pool_weights(registry: Mapping[int, DecoderEntry], *, weighting: str,
+                 round_: int) -> dict[int, Fraction]:
+    """Each stored decoder's exact weight in the pool under ``weighting``.
+
+    ``uniform``: 1 each. ``samples``: the client's sample count (``metrics["n_samples"]``);
+    uniform for all when any stored decoder lacks a positive, finite count. ``recency``:
+    ``1 / (1 + age)``, the age in rounds ``round_ - entry.round`` (0 for a decoder of this
+    round; never negative).
+
+    Raises:
+        ValueError: An unknown weighting.
+    """
+    if weighting == "uniform":
+        return {cid: Fraction(1) for cid in registry}
+    if weighting == "samples":
+        counts: dict[int, Fraction] = {}
+        for cid, e in registry.items():
+            n = e.metrics.get("n_samples")
+            if n is None or not math.isfinite(n) or n <= 0:
+                log.warning("client %d's stored decoder has no sample count; the pool is "
+                            "split uniformly", cid)
+                return {c: Fraction(1) for c in registry}
+            counts[cid] = Fraction(float(n))
+        return counts
+    if weighting == "recency":
+        return {cid: Fraction(1, 1 + max(0, round_ - e.round)) for cid, e in registry.items()}
+    raise ValueError(f"unknown pool weighting {weighting!r}")
 
 
 MAX_SPEC_WIDTH = 2**20
@@ -239,20 +314,30 @@ class ServerState:
     @torch.no_grad()
     def sample_synthetic(self, *, round_: int,
                          n_per_client: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw ``n_per_client`` images from every stored decoder (prior -> decoder).
+        """Draw the round's synthetic pool from the stored decoders (prior -> decoder).
+
+        With ``server.pool_size`` 0 (or ``n_per_client`` given), every stored decoder gives
+        ``n_per_client`` (default ``server.samples_per_client``) images. Otherwise the pool
+        holds ``pool_size`` images split by :func:`pool_shares` under
+        ``server.pool_weighting``; a decoder with a share of 0 is not sampled this round.
+        The decoders are drawn in client id order from one generator seeded by
+        ``(seed, SERVER_SAMPLE, round_)``. A decoder whose draw is non-finite or outside
+        ``[0, 1]`` is evicted (:attr:`last_evicted`) and its share is left out of the pool.
 
         Returns:
-            ``(images (M*K, C, H, W) float in [0, 1] on the server device, labels (M*K,)
+            ``(images (M, C, H, W) float in [0, 1] on the server device, labels (M,)
             client ids)``; empty tensors when no decoder is stored yet. The class labels
             of conditional decoders' samples (-1 otherwise) are kept in
             :attr:`last_classes`.
         """
-        n = n_per_client or self.cfg.server.samples_per_client
+        shares = self.pool_plan(round_=round_, n_per_client=n_per_client)
         gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, Role.SERVER_SAMPLE,
                                                         round_))
         images, labels, classes = [], [], []
         self.last_evicted = []
-        for cid in sorted(self.registry):
+        for cid, n in shares.items():
+            if n == 0:
+                continue
             x, y = self.registry[cid].sample(n, generator=gen, device=self.device)
             if not bool(torch.isfinite(x).all()) or float(x.min()) < 0 or float(x.max()) > 1:
                 # the probe saw finite outputs, but this draw is not: never let it into the
@@ -271,6 +356,27 @@ class ServerState:
             return torch.empty(0, *self.spec.image_shape), torch.empty(0, dtype=torch.long)
         self.last_classes = torch.cat(classes)
         return torch.cat(images), torch.cat(labels)
+
+    def pool_plan(self, *, round_: int, n_per_client: int | None = None) -> dict[int, int]:
+        """Images each stored decoder gives to round ``round_``'s pool, in client id order.
+
+        ``n_per_client`` (or ``server.samples_per_client`` when ``server.pool_size`` is 0)
+        from each; otherwise ``pool_size`` split by ``server.pool_weighting``.
+        """
+        s = self.cfg.server
+        if n_per_client is not None or s.pool_size == 0:
+            n = n_per_client or s.samples_per_client
+            return {cid: n for cid in sorted(self.registry)}
+        weights = pool_weights(self.registry, weighting=s.pool_weighting, round_=round_)
+        return pool_shares(weights, s.pool_size)
+
+    def registry_bytes(self) -> int:
+        """Bytes held by the stored decoders' tensors (parameters and buffers).
+
+        The priors (a few hundred bytes each) and Python overhead are not counted.
+        """
+        return sum(t.numel() * t.element_size() for e in self.registry.values()
+                   for t in e.decoder.state_dict().values())
 
     @torch.no_grad()
     def sample_client(self, client_id: int, n: int, *, seed: int) -> torch.Tensor:
