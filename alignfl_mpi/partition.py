@@ -5,7 +5,8 @@ registry: adding one is a function decorated with :func:`register_scheme`.
 
 * ``class-pairs`` (the paper's): client k gets classes (2k, 2k+1), the first
   ``per_class`` training samples of each class, in dataset order.
-* ``dirichlet``: label skew; each class is split across clients with Dir(alpha) shares.
+* ``dirichlet``: label skew; each class is split across clients with Dir(alpha) shares,
+  then every client is topped up to ``min_per_client`` samples (default 1).
 * ``iid``: a random, even split.
 
 Outliers are ``n_outliers`` images drawn at random from the *other* dataset (for example
@@ -68,26 +69,89 @@ def class_pairs(labels: np.ndarray, *, n_clients: int, rng: np.random.Generator,
     return parts
 
 
-@register_scheme("dirichlet", alpha=0.5)
+@register_scheme("dirichlet", alpha=0.5, min_per_client=1)
 def dirichlet(labels: np.ndarray, *, n_clients: int, rng: np.random.Generator,
-              alpha: float) -> list[np.ndarray]:
+              alpha: float, min_per_client: int) -> list[np.ndarray]:
     """Label skew: each class is split over clients with Dir(alpha) proportions.
 
+    Each class's samples are shuffled and cut at the cumulative Dir(alpha) shares. With
+    many clients or a small alpha some clients get few or no samples: every client with
+    fewer than ``min_per_client`` is then topped up by :func:`top_up` (which moves
+    samples of one class from the largest clients, so the skew is kept). Partitions
+    that need no top-up are the same as without it.
+
     >>> parts = dirichlet(np.repeat(np.arange(3), 10), n_clients=2,
-    ...                   rng=np.random.default_rng(0), alpha=1.0)
+    ...                   rng=np.random.default_rng(0), alpha=1.0, min_per_client=1)
     >>> sum(len(p) for p in parts)
     30
     """
     if alpha <= 0:
         raise ConfigError(f"--alpha must be positive, got {alpha}")
-    buckets: list[list[np.ndarray]] = [[] for _ in range(n_clients)]
+    _check_min_per_client(min_per_client, n_clients=n_clients, n_samples=len(labels))
+    owner = np.empty(len(labels), np.int64)
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
         shares = rng.dirichlet(np.full(n_clients, alpha))
-        cuts = (np.cumsum(shares)[:-1] * len(idx)).round().astype(int)
-        for k, chunk in enumerate(np.split(idx, cuts)):
-            buckets[k].append(chunk)
-    return [np.sort(np.concatenate(b)) for b in buckets]
+        cuts = (np.cumsum(shares)[:-1] * len(idx)).round().astype(int).clip(0, len(idx))
+        sizes = np.diff(cuts, prepend=0, append=len(idx))
+        owner[idx] = np.repeat(np.arange(n_clients), sizes)
+    return top_up(group_by_owner(owner, n_clients), labels, min_per_client=min_per_client)
+
+
+def group_by_owner(owner: np.ndarray, n_clients: int) -> list[np.ndarray]:
+    """Sample indices per client, ascending, from each sample's client.
+
+    >>> [p.tolist() for p in group_by_owner(np.array([1, 0, 1, 1]), 3)]
+    [[1], [0, 2, 3], []]
+    """
+    order = np.argsort(owner, kind="stable")
+    return np.split(order, np.cumsum(np.bincount(owner, minlength=n_clients))[:-1])
+
+
+def _check_min_per_client(min_per_client: int, *, n_clients: int, n_samples: int) -> None:
+    if isinstance(min_per_client, bool) or not isinstance(min_per_client, int) \
+            or min_per_client < 0:
+        raise ConfigError(f"min_per_client must be a whole number >= 0, got {min_per_client!r}")
+    if min_per_client * n_clients > n_samples:
+        raise ConfigError(f"min_per_client = {min_per_client} for {n_clients} clients needs "
+                          f"{min_per_client * n_clients} samples, but the dataset has "
+                          f"{n_samples}; lower min_per_client or use fewer clients")
+
+
+def top_up(parts: list[np.ndarray], labels: np.ndarray, *,
+           min_per_client: int) -> list[np.ndarray]:
+    """Give every client at least ``min_per_client`` samples, taken from the largest ones.
+
+    Clients below the minimum are served in id order. Each takes what it lacks from the
+    currently largest client (ties: the lower id), from that client's most frequent class
+    (ties: the lower class), its highest dataset indices first; a donor never drops below
+    the minimum. Deterministic, and a no-op when every client has the minimum already.
+
+    >>> labels = np.array([0, 0, 0, 1, 1, 2])
+    >>> parts = [np.array([0, 1, 2, 3, 4]), np.array([], np.int64), np.array([5])]
+    >>> [p.tolist() for p in top_up(parts, labels, min_per_client=2)]
+    [[0, 3], [1, 2], [4, 5]]
+
+    Raises:
+        ConfigError: Fewer samples than ``min_per_client`` times the number of clients.
+    """
+    _check_min_per_client(min_per_client, n_clients=len(parts), n_samples=len(labels))
+    parts = list(parts)
+    sizes = np.array([len(p) for p in parts], np.int64)
+    for k in np.flatnonzero(sizes < min_per_client):
+        while sizes[k] < min_per_client:
+            donor = int(np.argmax(sizes))  # > min_per_client: the total covers everyone
+            have = labels[parts[donor]]
+            classes, counts = np.unique(have, return_counts=True)
+            cls = classes[np.argmax(counts)]
+            give = int(min(min_per_client - sizes[k], sizes[donor] - min_per_client,
+                           counts.max()))
+            moved = parts[donor][have == cls][-give:]
+            parts[donor] = parts[donor][~np.isin(parts[donor], moved)]
+            parts[k] = np.concatenate([parts[k], moved]).astype(np.int64)
+            sizes[donor] -= give
+            sizes[k] += give
+    return [np.sort(p) for p in parts]
 
 
 @register_scheme("iid")
@@ -97,6 +161,9 @@ def iid(labels: np.ndarray, *, n_clients: int, rng: np.random.Generator) -> list
     >>> [len(p) for p in iid(np.zeros(10, int), n_clients=3, rng=np.random.default_rng(0))]
     [4, 3, 3]
     """
+    if n_clients > len(labels):
+        raise ConfigError(f"iid: {n_clients} clients but only {len(labels)} samples; "
+                          "some clients would be empty, use fewer clients")
     return [np.sort(p) for p in np.array_split(rng.permutation(len(labels)), n_clients)]
 
 
