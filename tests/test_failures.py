@@ -36,7 +36,7 @@ def fast_config(tmp_path: Path, *, n_clients: int, rounds: int, server: str = ""
     cfg = write_config(tmp_path / "c.toml", part, out, n_clients=n_clients, rounds=rounds)
     text = cfg.read_text().replace("final_drain_s = 60", "final_drain_s = 60\nquality_metrics "
                                    "= false\n" + server)
-    text = text.replace("save_synthetic = true", "save_synthetic = false\n" + output)
+    text = text.replace("png = false", output)
     cfg.write_text(text)
     return cfg, out
 

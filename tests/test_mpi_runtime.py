@@ -38,6 +38,8 @@ def tiny_partition(path, *, n_clients, n_per_client=64, seed=0):
 
 
 def write_config(path, partition, out, *, n_clients, rounds=3, extra=""):
+    """The MPI tests' tiny config. No PNGs and no stored synthetic sets: no test of these runs
+    reads them (tests/test_e2e.py checks both in a real run), and they cost every launch."""
     path.write_text(f"""
 rounds = {rounds}
 n_clients = {n_clients}
@@ -60,7 +62,8 @@ final_drain_s = 60
 hidden = [32, 16, 8]
 [output]
 dir = "{out}"
-save_synthetic = true
+save_synthetic = false
+png = false
 {extra}
 """)
     return path
