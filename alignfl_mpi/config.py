@@ -189,7 +189,18 @@ class ServerConfig:
     Attributes:
         model: The global VAE trained on synthetic data.
         device: As for clients; ``auto`` puts the server on ``cuda:0`` when present.
-        samples_per_client: Synthetic images drawn from each client's decoder per round.
+        samples_per_client: Synthetic images drawn from each client's decoder per round
+            (when ``pool_size`` is 0).
+        pool_size: The synthetic pool's total size per round, split over the stored
+            decoders by ``pool_weighting`` (0: ``samples_per_client`` from each), so that
+            the server's cost per round does not grow with the number of clients.
+        pipeline: Send round r+1's TRAIN as soon as round r's updates are in, so that the
+            clients train while the server samples, trains and evaluates round r (strategies
+            whose clients start from the global model keep the barrier). The results are
+            the same as without it; the round time approaches max(client, server) time.
+        pool_weighting: How ``pool_size`` is split over the stored decoders: ``uniform``,
+            ``samples`` (by each client's sample count) or ``recency`` (by 1 / (1 + age),
+            the age in rounds of the stored decoder).
         epochs: Server epochs per round on the pooled synthetic data.
         batch_size: Server batch size.
         lr: Adam learning rate of the global VAE.
@@ -214,6 +225,9 @@ class ServerConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     device: str = "auto"
     samples_per_client: int = 1000
+    pool_size: int = 0
+    pool_weighting: str = "uniform"
+    pipeline: bool = False
     epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3
@@ -259,7 +273,11 @@ class RunConfig:
         strategy_options: The strategy's own options (e.g. FedProx's ``mu``); each
             strategy names the ones it takes and refuses any other.
         rounds: Federated rounds.
-        n_clients: Number of clients; the world size must be ``n_clients + 1``.
+        n_clients: Number of clients (any number >= 1); they are placed on the client ranks
+            (ranks 1..N), balanced by sample count, and a rank trains its clients one after
+            another.
+        clients_per_round: The clients asked each round, sampled from (seed, round): a
+            fraction in (0, 1] of ``n_clients`` (1: all), or a whole count > 1.
         data: The partition.
         client: Defaults for every client.
         clients: Per-client overrides (tables with any ``client`` keys), one per client.
@@ -272,6 +290,7 @@ class RunConfig:
     strategy_options: dict[str, Any] = field(default_factory=dict)
     rounds: int = 5
     n_clients: int = 5
+    clients_per_round: float = 1.0
     data: DataConfig = field(default_factory=DataConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     clients: tuple[dict[str, Any], ...] = ()
@@ -519,6 +538,13 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"config key 'strategy_options.{key}' must be a finite number or "
                               f"a string, got {value!r}")
     _positive("n_clients", cfg.n_clients)
+    cpr = cfg.clients_per_round
+    if not (math.isfinite(cpr) and cpr > 0 and (cpr <= 1 or float(cpr).is_integer())):
+        raise ConfigError(f"config key 'clients_per_round' must be a fraction in (0, 1] or a "
+                          f"whole count > 1, got {cpr}")
+    if cpr > cfg.n_clients:
+        raise ConfigError(f"clients_per_round = {cpr:g} is more than n_clients = "
+                          f"{cfg.n_clients}; lower it or use a fraction")
     if cfg.clients and len(cfg.clients) != cfg.n_clients:
         raise ConfigError(f"config has {len(cfg.clients)} [[clients]] tables but n_clients = "
                           f"{cfg.n_clients}; give one table per client or none")
@@ -544,6 +570,8 @@ def validate(cfg: RunConfig) -> None:
     s = cfg.server
     for name in ("samples_per_client", "epochs", "batch_size"):
         _positive(f"server.{name}", getattr(s, name))
+    _positive("server.pool_size", s.pool_size, allow_zero=True)
+    _check_choice("server.pool_weighting", s.pool_weighting, POOL_WEIGHTINGS)
     _positive("server.lr", s.lr)
     _positive("server.round_deadline_s", s.round_deadline_s, allow_zero=True)
     _positive("server.max_message_mb", s.max_message_mb)
@@ -566,6 +594,24 @@ def _check_private_dir(where: str, private_dir: str, output_dir: str) -> None:
     if private == out or out in private.parents:
         raise ConfigError(f"config key {where!r}: {private_dir} is inside output.dir "
                           f"{output_dir}, which the server reads; choose a folder outside it")
+
+
+POOL_WEIGHTINGS = ("uniform", "samples", "recency")
+"""How ``server.pool_size`` is split over the stored decoders."""
+
+
+def participants_per_round(cfg: RunConfig) -> int:
+    """How many clients are asked each round (``clients_per_round`` resolved).
+
+    >>> participants_per_round(RunConfig(n_clients=10, clients_per_round=0.25))
+    3
+    >>> participants_per_round(RunConfig(n_clients=10, clients_per_round=4))
+    4
+    """
+    cpr = cfg.clients_per_round
+    if cpr <= 1:
+        return max(1, min(cfg.n_clients, int(math.floor(cpr * cfg.n_clients + 0.5))))
+    return int(cpr)
 
 
 MESSAGE_OVERHEAD_BYTES = 64 * 2**10

@@ -580,6 +580,13 @@ _LONG_STR = (lambda v: is_text(v, max_chars=MAX_TRACEBACK_CHARS),
              f"a string of at most {MAX_TRACEBACK_CHARS} characters without NUL")
 _DICT = (lambda v: isinstance(v, dict), "an object")
 _COUNT = (_is_meta_count, f"an integer in 0..{MAX_META_INT}")
+MAX_CLIENTS_PER_MESSAGE = 65536
+"""Most client ids one TRAIN instruction may name."""
+_CLIENT_IDS = (
+    lambda v: isinstance(v, list) and len(v) <= MAX_CLIENTS_PER_MESSAGE
+    and all(_is_meta_count(x) for x in v) and len(set(v)) == len(v),
+    f"a list of at most {MAX_CLIENTS_PER_MESSAGE} distinct client ids",
+)
 _INT = (_is_int, f"an integer in -{MAX_META_INT}..{MAX_META_INT}")
 _DEADLINE = (
     lambda v: v is None or (_is_number(v) and v > 0),
@@ -613,10 +620,12 @@ class StartInstruction:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainInstruction:
-    """Server to client: train round ``round``.
+    """Server to a client rank: train round ``round`` for the clients ``clients``.
 
     Attributes:
         round: Round index, from 0.
+        clients: The ids of the rank's clients asked this round, in the order the rank
+            answers them (one UPDATE or ERROR each).
         deadline_s: Seconds the client has to reply, or None for no deadline.
         options: JSON-safe per-round options (for example a changed learning rate).
     """
@@ -625,6 +634,7 @@ class TrainInstruction:
     KIND: ClassVar[str] = "train"
 
     round: int
+    clients: tuple[int, ...] = ()
     deadline_s: float | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -633,18 +643,21 @@ class TrainInstruction:
         deadline = None if self.deadline_s is None else float(self.deadline_s)
         return Message(
             kind=self.KIND,
-            meta={"round": self.round, "deadline_s": deadline, "options": self.options},
+            meta={"round": self.round, "clients": [int(c) for c in self.clients],
+                  "deadline_s": deadline, "options": self.options},
         )
 
     @classmethod
     def from_message(cls, msg: Message) -> TrainInstruction:
         """Check and convert a received message; raises MessageError if it does not fit."""
         meta = _check_meta(
-            msg, cls.KIND, {"round": _COUNT, "deadline_s": _DEADLINE, "options": _DICT}
+            msg, cls.KIND, {"round": _COUNT, "clients": _CLIENT_IDS, "deadline_s": _DEADLINE,
+                            "options": _DICT}
         )
         deadline = meta["deadline_s"]
         return cls(
             round=meta["round"],
+            clients=tuple(meta["clients"]),
             deadline_s=None if deadline is None else float(deadline),
             options=meta["options"],
         )
@@ -768,6 +781,7 @@ class RemoteError:
         rank: Rank of the failing process.
         host: Its host name.
         round: Round in which it failed, or -1 before the first round.
+        client_id: The client whose set-up or round failed, or -1 for the rank itself.
         exc_type: Qualified exception type name, for example ``"ValueError"``.
         message: ``str(exc)``.
         traceback: Formatted traceback (at most the last :data:`MAX_TRACEBACK_CHARS` characters).
@@ -782,9 +796,11 @@ class RemoteError:
     exc_type: str
     message: str
     traceback: str
+    client_id: int = -1
 
     @classmethod
-    def from_exception(cls, exc: BaseException, *, rank: int, round: int) -> RemoteError:  # noqa: A002
+    def from_exception(cls, exc: BaseException, *, rank: int, round: int,  # noqa: A002
+                       client_id: int = -1) -> RemoteError:
         """Capture an exception on this host.
 
         Args:
@@ -811,12 +827,14 @@ class RemoteError:
             exc_type=exc_type,
             message=str(exc),
             traceback=text[-MAX_TRACEBACK_CHARS:],
+            client_id=client_id,
         )
 
     def summary(self) -> str:
         """One line for logs: where it failed, the type and the first line of the message."""
         first = self.message.strip().splitlines()[0] if self.message.strip() else ""
-        where = f"rank {self.rank} on {self.host} failed in round {self.round}"
+        who = f"client {self.client_id} on " if self.client_id >= 0 else ""
+        where = f"{who}rank {self.rank} on {self.host} failed in round {self.round}"
         return f"{where}: {self.exc_type}: {first}"
 
     def to_message(self) -> Message:
@@ -828,6 +846,7 @@ class RemoteError:
             "exc_type": self.exc_type,
             "message": self.message,
             "traceback": self.traceback,
+            "client_id": self.client_id,
         }
         return Message(kind=self.KIND, meta=meta)
 
@@ -841,6 +860,7 @@ class RemoteError:
             "exc_type": _STR,
             "message": _LONG_STR,
             "traceback": _LONG_STR,
+            "client_id": _INT,
         }
         meta = _check_meta(msg, cls.KIND, checks)
         return cls(**meta)

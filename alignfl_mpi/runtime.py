@@ -44,7 +44,7 @@ from .arrays import images_to_tensor, to_uint8_images
 from .assess import RoundEvaluator, client_outlier_survival, reference_classifier
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .client import LocalState, SharedUpdate, new_local_state
-from .config import DEFAULT_PRESET, RunConfig, load_config, to_json
+from .config import DEFAULT_PRESET, RunConfig, load_config, participants_per_round, to_json
 from .datasets import data_root as resolve_data_root
 from .errors import AlignFLError, ConfigError, MessageError
 from .messages import (
@@ -59,6 +59,7 @@ from .messages import (
     TrainInstruction,
 )
 from .partition import PartitionRequest, default_partition_path, make_partition
+from .placement import place_clients, sample_participants
 from .private import client_private_dir, ensure_private
 from .progress import CLIENT_MIN_INTERVAL_S, ProgressDisplay, ProgressTable, StepReporter
 from .results import RESULTS_NAME, ResultsWriter, load
@@ -225,10 +226,10 @@ def main_run(args: Any) -> int:
     try:
         cfg = resolve_config(args)
         strategy = build_strategy(cfg)
-        if size != cfg.n_clients + 1:
-            raise ConfigError(f"world size {size} does not match the config: {cfg.n_clients} "
-                              f"clients need {cfg.n_clients + 1} ranks (mpiexec -n "
-                              f"{cfg.n_clients + 1}), or set n_clients = {size - 1}")
+        if not 2 <= size <= cfg.n_clients + 1:
+            raise ConfigError(f"world size {size} does not fit the config: {cfg.n_clients} "
+                              f"clients run on 1 to {cfg.n_clients} client ranks plus the "
+                              f"server (mpiexec -n 2 .. {cfg.n_clients + 1})")
     except AlignFLError:
         if rank == 0:
             raise  # the CLI prints it once; the other ranks exit quietly with the same status
@@ -243,8 +244,24 @@ def main_run(args: Any) -> int:
 
 
 # --- client side ----------------------------------------------------------------------
+@dataclass
+class ClientSlot:
+    """One client hosted by a client rank: its private state, data and checkpoints."""
+
+    client_id: int
+    ckpt_dir: Path
+    resume: bool
+    state: LocalState | None = None
+    data: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    outliers: np.ndarray = field(default_factory=lambda: np.zeros((0, 28, 28), np.uint8))
+    classifier: Any = None
+    setup_error: BaseException | None = None
+
+
 class ClientLoop:
-    """A client rank: waits for instructions and answers each TRAIN with UPDATE or ERROR."""
+    """A client rank: hosts its placed clients, answers each TRAIN with one UPDATE or ERROR
+    per client asked, one client after another."""
 
     def __init__(self, transport: Any, cfg: RunConfig, strategy: Strategy, *, resume: bool,
                  local_rank: int) -> None:
@@ -252,27 +269,36 @@ class ClientLoop:
         self.cfg = cfg
         self.strategy = strategy
         self.rank = transport.rank
-        self.client_id = self.rank - 1
         self.resume = resume
         self.local_rank = local_rank
-        self.state: LocalState | None = None
-        self.data: torch.Tensor | None = None
-        self.labels: torch.Tensor | None = None
-        self.setup_error: BaseException | None = None
-        self.outliers: np.ndarray = np.zeros((0, 28, 28), np.uint8)
+        self.slots: dict[int, ClientSlot] = {}
+        self.client_id = self.rank - 1  # the client being served (set per client)
         self.global_state: dict[str, np.ndarray] | None = None  # the last MODEL received
-        self.classifier: Any = None
         self.pending: list[Any] = []  # PROGRESS sends in flight
-        # private: encoder, optimizer, accountant and the DP secret never go to the run folder
-        self.ckpt_dir = client_private_dir(cfg.client_config(self.client_id).private_dir,
-                                           cfg.output.dir, self.client_id)
+
+    # attributes of the client being served, for the per-client methods and test hooks
+    @property
+    def slot(self) -> ClientSlot:
+        return self.slots[self.client_id]
+
+    @property
+    def state(self) -> LocalState | None:
+        return self.slot.state
+
+    @property
+    def data(self) -> torch.Tensor | None:
+        return self.slot.data
+
+    @property
+    def labels(self) -> torch.Tensor | None:
+        return self.slot.labels
 
     def run(self) -> int:
         """Serve until STOP. A failure outside the training step aborts the job."""
         try:
             return self._serve()
         except BaseException as exc:  # the loop itself broke: never a silent exit
-            log.error("client %d: %s: %s; aborting the job", self.client_id,
+            log.error("rank %d: %s: %s; aborting the job", self.rank,
                       type(exc).__name__, exc, exc_info=True)
             try:
                 err = RemoteError.from_exception(exc, rank=self.rank, round=-1)
@@ -297,7 +323,8 @@ class ClientLoop:
             if rcv.tag == Tag.STOP:
                 for pending in self.pending:
                     pending.wait()
-                self.transport.send(0, Tag.BYE, Bye(client_id=self.client_id).to_message())
+                first = min(self.slots) if self.slots else self.rank - 1
+                self.transport.send(0, Tag.BYE, Bye(client_id=first).to_message())
                 return 0
             if rcv.tag == Tag.MODEL:
                 self.global_state = rcv.payload.state
@@ -305,73 +332,101 @@ class ClientLoop:
                 self.client_round(rcv.payload)
 
     def client_start(self) -> StartInstruction:
+        """Set up every client placed on this rank; one READY (or ERROR) per client."""
         rcv = self.transport.recv(source=0, tag=Tag.START)
         start = rcv.payload if rcv.ok else StartInstruction(ok=False, reason=str(rcv.error))
         if not start.ok:
             return start
-        t0 = time.perf_counter()
-        try:
-            ccfg = self.cfg.client_config(self.client_id)
-            if self.cfg.output.checkpoint or self.resume:
-                ensure_private(self.ckpt_dir)
-            if not self.resume:  # a fresh run: no older run's checkpoints may be mixed in
-                for old in self.ckpt_dir.glob("round_*.ckpt"):
-                    old.unlink()
-            device = pick_device(ccfg.device, local_rank=self.local_rank)
-            part = read_client(partition_path(self.cfg), self.client_id)
-            self.data = images_to_tensor(part.images)
-            self.labels = torch.from_numpy(part.labels)
-            self.state = new_local_state(self.client_id, ccfg, seed=self.cfg.seed, device=device)
-            self.state.extra["total_rounds"] = self.cfg.rounds
-            self.outliers = part.images[part.outlier]
-            if len(self.outliers) and ccfg.privacy.mode == "none":  # DP: not covered by epsilon
-
-                self.classifier = reference_classifier(partition_path(self.cfg), device=device)
-            log.info("client %d on %s, device %s, %d samples (%d outliers)", self.client_id,
-                     socket.gethostname(), device, len(part.labels), int(part.outlier.sum()))
-            if not len(part.labels):
-                raise AlignFLError(f"client {self.client_id} has no training samples")
-            ready = Ready(client_id=self.client_id, host=socket.gethostname(),
-                          device=str(device), n_samples=len(part.labels),
-                          setup_s=time.perf_counter() - t0)
-            self.transport.send(0, Tag.READY, ready.to_message())
-        except Exception as exc:  # reported now, and again with every TRAIN
-            self.setup_error = exc
-            log.error("client %d set-up failed: %s", self.client_id, exc)
-            err = RemoteError.from_exception(exc, rank=self.rank, round=-1)
-            self.transport.send(0, Tag.ERROR, err.to_message())
+        path = partition_path(self.cfg)
+        placed = place_clients(client_sizes(path), n_ranks=self.transport.size - 1)
+        for cid in placed[self.rank - 1]:
+            # private: encoder, optimizer, accountant and the DP secret never go to the
+            # run folder
+            ckpt = client_private_dir(self.cfg.client_config(cid).private_dir,
+                                      self.cfg.output.dir, cid)
+            self.slots[cid] = ClientSlot(client_id=cid, ckpt_dir=ckpt, resume=self.resume)
+            self.client_id = cid
+            self._set_up(self.slots[cid], path)
+        self.client_id = min(self.slots)
         return start
 
+    def _set_up(self, slot: ClientSlot, path: Path) -> None:
+        t0 = time.perf_counter()
+        cid = slot.client_id
+        try:
+            ccfg = self.cfg.client_config(cid)
+            if self.cfg.output.checkpoint or self.resume:
+                ensure_private(slot.ckpt_dir)
+            if not self.resume:  # a fresh run: no older run's checkpoints may be mixed in
+                for old in slot.ckpt_dir.glob("round_*.ckpt"):
+                    old.unlink()
+            device = pick_device(ccfg.device, local_rank=self.local_rank)
+            part = read_client(path, cid)
+            slot.data = images_to_tensor(part.images)
+            slot.labels = torch.from_numpy(part.labels)
+            slot.state = new_local_state(cid, ccfg, seed=self.cfg.seed, device=device)
+            slot.state.extra["total_rounds"] = self.cfg.rounds
+            slot.outliers = part.images[part.outlier]
+            if len(slot.outliers) and ccfg.privacy.mode == "none":  # DP: not covered by ε
+                slot.classifier = reference_classifier(path, device=device)
+            log.info("client %d on %s, rank %d, device %s, %d samples (%d outliers)", cid,
+                     socket.gethostname(), self.rank, device, len(part.labels),
+                     int(part.outlier.sum()))
+            if not len(part.labels):
+                raise AlignFLError(f"client {cid} has no training samples")
+            ready = Ready(client_id=cid, host=socket.gethostname(), device=str(device),
+                          n_samples=len(part.labels), setup_s=time.perf_counter() - t0)
+            self.transport.send(0, Tag.READY, ready.to_message())
+        except Exception as exc:  # reported now, and again with every TRAIN
+            slot.setup_error = exc
+            log.error("client %d set-up failed: %s", cid, exc)
+            err = RemoteError.from_exception(exc, rank=self.rank, round=-1, client_id=cid)
+            self.transport.send(0, Tag.ERROR, err.to_message())
+
     def client_round(self, instruction: TrainInstruction) -> None:
+        """Train every client the instruction names, in its order: one answer each."""
+        for cid in instruction.clients:
+            if cid not in self.slots:
+                log.warning("rank %d: TRAIN names client %d, which this rank does not host; "
+                            "ignored", self.rank, cid)
+                continue
+            self.client_id = cid
+            self.train_client(instruction)
+
+    def train_client(self, instruction: TrainInstruction) -> None:
+        """One client's round: train, checkpoint, send UPDATE; or send ERROR."""
         r = instruction.round
-        if self.resume and self.setup_error is None and self.state is not None:
+        slot = self.slot
+        if slot.resume and slot.setup_error is None and slot.state is not None:
             # outside the try: a client that cannot resume would go on from fresh weights
             # and silently spoil the resumed run, so it ends the job (ClientLoop.run)
             self._load_checkpoint(before_round=r)
-            self.state.extra["total_rounds"] = self.cfg.rounds  # --rounds may have changed
-            self.resume = False
+            slot.state.extra["total_rounds"] = self.cfg.rounds  # --rounds may have changed
+            slot.resume = False
         try:
-            if self.setup_error is not None:
-                raise self.setup_error
-            assert self.state is not None and self.data is not None
+            if slot.setup_error is not None:
+                raise slot.setup_error
+            assert slot.state is not None and slot.data is not None
             interval = min(CLIENT_MIN_INTERVAL_S, self.cfg.output.progress_interval_s / 2)
+            cid = slot.client_id
             with StepReporter(total=self._expected_steps(), min_interval_s=interval,
-                              send=lambda done, total: self._send_progress(r, done, total)):
+                              send=lambda done, total: self._send_progress(r, cid, done,
+                                                                           total)):
                 update = self.local_train(r)
-            if self.classifier is not None:
-
+            if slot.classifier is not None:
                 update.metrics["survival_recon_client"] = client_outlier_survival(
-                    self.state.vae, self.outliers, self.classifier, device=self.state.device)
+                    slot.state.vae, slot.outliers, slot.classifier, device=slot.state.device)
             if self.cfg.output.checkpoint:
                 self._save_checkpoint()
-            payload = ClientUpdate(round=r, client_id=self.client_id, spec=update.spec,
+            payload = ClientUpdate(round=r, client_id=slot.client_id, spec=update.spec,
                                    state=update.state, kind=update.kind, prior=update.prior,
                                    metrics=update.metrics)
             # encoding and sending fail here, not in the loop: too big, not encodable, ...
             self.transport.send(0, Tag.UPDATE, payload.to_message())
         except Exception as exc:
-            log.error("client %d failed in round %d: %s", self.client_id, _round_no(r), exc)
-            err = RemoteError.from_exception(exc, rank=self.rank, round=r)
+            log.error("client %d failed in round %d: %s", slot.client_id, _round_no(r), exc)
+            err = RemoteError.from_exception(exc, rank=self.rank, round=r,
+                                             client_id=slot.client_id)
             self.transport.send(0, Tag.ERROR, err.to_message())
 
     def _expected_steps(self) -> int:
@@ -380,37 +435,50 @@ class ClientLoop:
         c = self.state.cfg
         return c.local_epochs * max(1, -(-len(self.data) // c.batch_size))
 
-    def _send_progress(self, r: int, done: int, total: int) -> None:
+    def _send_progress(self, r: int, client_id: int, done: int, total: int) -> None:
         """Start a PROGRESS send; never wait for it (its buffer lives in ``self.pending``)."""
         self.pending = [p for p in self.pending if not p.test()]
-        msg = Progress(round=r, client_id=self.client_id, done=done, total=total).to_message()
+        msg = Progress(round=r, client_id=client_id, done=done, total=total).to_message()
         self.pending.append(self.transport.isend(0, Tag.PROGRESS, msg))
 
     def local_train(self, round_: int) -> SharedUpdate:
-        """One round of local training (tests replace this to inject faults)."""
+        """One round of local training of the client being served (tests replace this)."""
         assert self.state is not None and self.data is not None
         return self.strategy.client_round(self.state, self.data, round_=round_,
                                           labels=self.labels, global_state=self.global_state)
 
     def _save_checkpoint(self) -> None:
-        assert self.state is not None
-        done = self.state.rounds_done
-        save_checkpoint(self.ckpt_dir / f"round_{done:04d}.ckpt", self.state.state_dict())
-        for old in sorted(self.ckpt_dir.glob("round_*.ckpt"))[:-2]:
+        slot = self.slot
+        assert slot.state is not None
+        done = slot.state.rounds_done
+        save_checkpoint(slot.ckpt_dir / f"round_{done:04d}.ckpt", slot.state.state_dict())
+        for old in sorted(slot.ckpt_dir.glob("round_*.ckpt"))[:-2]:
             old.unlink()
 
     def _load_checkpoint(self, *, before_round: int) -> None:
-        """Load the newest local checkpoint taken at or before the start of ``before_round``."""
-        assert self.state is not None
-        candidates = [p for p in sorted(self.ckpt_dir.glob("round_*.ckpt"))
+        """Load the newest local checkpoint taken at or before the start of ``before_round``.
+
+        A client that was not asked in some rounds (partial participation) has an older
+        newest checkpoint: it resumes from that, as it would have gone on.
+        """
+        slot = self.slot
+        assert slot.state is not None
+        candidates = [p for p in sorted(slot.ckpt_dir.glob("round_*.ckpt"))
                       if int(p.stem.split("_")[1]) <= before_round]
         if not candidates:
-            if before_round > 0:
-                raise AlignFLError(f"client {self.client_id}: no checkpoint in {self.ckpt_dir} "
-                                   f"for round {before_round}; cannot resume")
+            if before_round > 0 and self._asked_before(before_round):
+                raise AlignFLError(f"client {slot.client_id}: no checkpoint in "
+                                   f"{slot.ckpt_dir} for round {before_round}; cannot resume")
             return
-        self.state.load_state_dict(load_checkpoint(candidates[-1]))
-        log.info("client %d resumed from %s", self.client_id, candidates[-1].name)
+        slot.state.load_state_dict(load_checkpoint(candidates[-1]))
+        log.info("client %d resumed from %s", slot.client_id, candidates[-1].name)
+
+    def _asked_before(self, round_: int) -> bool:
+        """Whether the client being served was asked in a round before ``round_``."""
+        k = participants_per_round(self.cfg)
+        return any(self.client_id in sample_participants(self.cfg.seed, r,
+                                                         n_clients=self.cfg.n_clients, k=k)
+                   for r in range(round_))
 
 
 # --- server side ----------------------------------------------------------------------
@@ -420,6 +488,7 @@ class RoundRecord:
 
     clients: dict[int, dict[str, Any]] = field(default_factory=dict)
     comm_bytes: int = 0
+    started: float = 0.0  # when the round's TRAIN instructions were sent
 
 
 class Server:
@@ -437,6 +506,11 @@ class Server:
         self.progress = ProgressTable(n_clients=self.n, epochs=[
             cfg.client_config(k).local_epochs for k in range(self.n)])
         self.busy: dict[int, int] = {}  # client id -> round it is working on
+        self.n_ranks = transport.size - 1  # client ranks 1..n_ranks
+        self.placement: list[list[int]] = []  # per client rank: its clients (server_start)
+        self.rank_of: dict[int, int] = {}  # client id -> its rank
+        self.queue: dict[int, list[int]] = {}  # rank -> clients asked, not answered, in order
+        self.asked: dict[int, RoundRecord] = {}  # rounds asked ahead (server.pipeline)
         self.results_path, self.ckpt_dir, self.png_dir = run_paths(cfg)
         self.lock = RunLock(self.results_path.parent)
         self.outbox: list[Any] = []  # sends in flight (never blocks on a client)
@@ -448,10 +522,10 @@ class Server:
         assert self.writer is not None, "no results writer before server_start"
         return self.writer
 
-    def _send(self, client: int, payload: Any) -> None:
-        """Start a send to a client without waiting for it to be received."""
+    def _send(self, rank: int, payload: Any) -> None:
+        """Start a send to a client rank without waiting for it to be received."""
         self.outbox = [p for p in self.outbox if not p.test()]
-        self.outbox.append(self.transport.isend(client + 1, payload.TAG, payload.to_message()))
+        self.outbox.append(self.transport.isend(rank, payload.TAG, payload.to_message()))
 
     # -- start ----------------------------------------------------------------------
     def run(self) -> int:
@@ -510,8 +584,8 @@ class Server:
         finalize_abort(self.transport.comm, code)
 
     def _broadcast(self, payload: Any) -> None:
-        for client in range(self.n):
-            self._send(client, payload)
+        for rank in range(1, self.n_ranks + 1):
+            self._send(rank, payload)
 
     def _flush_outbox(self, *, timeout: float) -> bool:
         """Wait up to ``timeout`` s for every send in flight; True when all completed."""
@@ -536,10 +610,15 @@ class Server:
             make_partition(partition_request(cfg), output=path,
                            root=cfg.data.data_root or None)
         self.partition = read_partition_info(path, expected_clients=self.n)
-        empty = [k for k, size in enumerate(client_sizes(path)) if size == 0]
+        sizes = client_sizes(path)
+        empty = [k for k, size in enumerate(sizes) if size == 0]
         if empty:
-            raise ConfigError(f"partition {path}: client(s) {empty} have no training samples; "
+            raise ConfigError(f"partition {path}: client(s) {empty[:10]}"
+                              f"{' ...' if len(empty) > 10 else ''} have no training samples; "
                               "re-partition (fewer clients, another scheme or alpha)")
+        self.placement = place_clients(sizes, n_ranks=self.n_ranks)
+        self.rank_of = {c: rank for rank, clients in enumerate(self.placement, 1)
+                        for c in clients}
         self.test_images, self.test_labels = read_split(path)
         prepare_run_dir(cfg)
         self.lock.acquire()
@@ -549,7 +628,8 @@ class Server:
         if self.resume:
             self._check_resumed_config()
             self.start_round = self._load_server_checkpoint()
-        attrs = {"partition": str(path), "n_clients": self.n, "world_size": self.n + 1,
+        attrs = {"partition": str(path), "n_clients": self.n, "world_size": self.n_ranks + 1,
+                 "placement": [self.rank_of[c] for c in range(self.n)],
                  "partition_attrs": {k: self.partition.attrs[k] for k in
                                      ("dataset", "outlier_dataset", "scheme", "scheme_params",
                                       "seed", "n_outliers", "outlier_client", "source_sha256",
@@ -559,8 +639,8 @@ class Server:
                                     resume_from_round=self.start_round if self.resume else None)
         self.evaluator = self._make_evaluator()
         self._results().set_attrs(self.evaluator.attrs())
-        log.info("server on %s, device %s; %d clients, %d rounds, partition %s",
-                 socket.gethostname(), self.device, self.n, cfg.rounds, path)
+        log.info("server on %s, device %s; %d clients on %d ranks, %d rounds, partition %s",
+                 socket.gethostname(), self.device, self.n, self.n_ranks, cfg.rounds, path)
 
     def _check_resumed_config(self) -> None:
         """Refuse ``--resume`` with settings other than the run's own (``rounds`` may grow).
@@ -626,7 +706,9 @@ class Server:
             rcv = self.transport.recv(timeout=max(0.0, end - time.monotonic()))
             if rcv is None:
                 break
-            c = rcv.source - 1
+            c = self._set_up_client(rcv, pending)
+            if c is None:
+                continue
             pending.discard(c)
             if rcv.ok and rcv.tag == Tag.READY:
                 ready: Ready = rcv.payload
@@ -639,33 +721,83 @@ class Server:
                 info[str(c)] = {"error": _clean_text(str(rcv.error))}
                 log.warning("client %d (rank %d): rejected set-up message: %s", c, rcv.source,
                             rcv.error)
-        for c in pending:
+        for c in sorted(pending):
             log.warning("client %d not ready after %.0f s; treated as a straggler", c,
                         self.cfg.server.start_timeout_s)
             self.busy[c] = -1
+            self.queue.setdefault(self.rank_of[c], []).append(c)
         self._results().set_attrs({"clients_info": info})
         log.info("clients ready: %s", ", ".join(
             f"{c}@{v.get('host', '?')}:{v.get('device', 'failed')}" for c, v in sorted(
                 info.items(), key=lambda kv: int(kv[0]))))
 
+    def _set_up_client(self, rcv: Any, pending: set[int]) -> int | None:
+        """The client a set-up message is about, or None (logged) when it names none of
+        the sender's clients still setting up."""
+        hosted = [c for c in self._hosted(rcv.source) if c in pending]
+        if not hosted:
+            log.warning("rank %d: set-up message ignored: none of its clients is setting up",
+                        rcv.source)
+            return None
+        if rcv.ok and rcv.tag in (Tag.READY, Tag.ERROR):
+            claimed = rcv.payload.client_id
+            if claimed in hosted:
+                return int(claimed)
+            if rcv.tag == Tag.ERROR and claimed < 0:
+                return hosted[0]
+            log.warning("rank %d: set-up message for client %d, which it does not host or "
+                        "which is set up already; ignored", rcv.source, claimed)
+            return None
+        return hosted[0]  # a bad message answers the rank's next client in line
+
+    def _hosted(self, rank: int) -> list[int]:
+        """The clients placed on ``rank`` (none for a rank that is not a client rank)."""
+        return self.placement[rank - 1] if 1 <= rank <= self.n_ranks else []
+
     # -- one round --------------------------------------------------------------------
-    def server_round(self, r: int) -> None:
+    def ask(self, r: int) -> RoundRecord:
+        """Send round ``r``'s TRAIN to the ranks of its sampled clients; the round's record.
+
+        Clients still busy with an earlier round (stragglers) are not asked again.
+        """
         cfg = self.cfg
-        t_round = time.perf_counter()
-        record = RoundRecord()
+        record = RoundRecord(started=time.perf_counter())
         deadline = cfg.server.round_deadline_s or None
-        asked = [c for c in range(self.n) if c not in self.busy]
+        sampled = sample_participants(cfg.seed, r, n_clients=self.n,
+                                      k=participants_per_round(cfg))
+        asked = [c for c in sampled if c not in self.busy]
         for c in range(self.n):
             if c in self.busy:
                 record.clients[c] = {"status": "straggler", "busy_round": _round_no(self.busy[c])}
-        instruction = TrainInstruction(round=r, deadline_s=deadline)
+            elif c not in sampled:
+                record.clients[c] = {"status": "not_asked"}
         before = self.strategy.configure_round(self.state, r) if asked else []
-        for c in asked:
+        for rank in range(1, self.n_ranks + 1):
+            clients = [c for c in self._hosted(rank) if c in asked]
+            if not clients:
+                continue
             for payload in before:
-                self._send(c, payload)
-            self._send(c, instruction)
-            self.busy[c] = r
-            self.asked_at[c] = time.perf_counter()
+                self._send(rank, payload)
+            self._send(rank, TrainInstruction(round=r, clients=tuple(clients),
+                                              deadline_s=deadline))
+            self.queue.setdefault(rank, []).extend(clients)
+            for c in clients:
+                self.busy[c] = r
+                self.asked_at[c] = time.perf_counter()
+        self.asked[r] = record
+        return record
+
+    def server_round(self, r: int) -> None:
+        """Collect round ``r``'s updates, aggregate or train, evaluate, write, checkpoint.
+
+        With ``server.pipeline`` the next round's TRAIN goes out as soon as this round's
+        updates are in, so the clients train round r+1 while the server works on round r;
+        the server's round r still uses exactly round r's updates.
+        """
+        cfg = self.cfg
+        record = self.asked.pop(r, None) or self.ask(r)
+        t_round = record.started
+        deadline = cfg.server.round_deadline_s or None
         self.collect(r, record, deadline=deadline)
         t_collect = time.perf_counter() - t_round
         for c in range(self.n):
@@ -673,6 +805,8 @@ class Server:
                 record.clients[c] = {"status": "straggler", "busy_round": _round_no(r)}
                 log.warning("round %d: client %d missed the %.1f s deadline; using its stored "
                             "decoder", _round_no(r), c, deadline or 0)
+        if cfg.server.pipeline and r + 1 < cfg.rounds:
+            self.ask(r + 1)
 
         t0 = time.perf_counter()
         images, labels = self.state.sample_synthetic(round_=r)
@@ -733,10 +867,9 @@ class Server:
                 timeout = 0.5 if end is None else max(0.0, min(0.5, end - now))
                 rcv = self.transport.recv(timeout=timeout)
                 if rcv is not None:
-                    c = rcv.source - 1
-                    answering = self.busy.get(c) == r
+                    before = {c for c, v in self.busy.items() if v == r}
                     self.handle(rcv, r, record)
-                    if answering and c not in self.busy:
+                    for c in sorted(before - set(self.busy)):
                         self.display.client_done(c, time.monotonic() - started)
                 elif end is not None and time.monotonic() >= end:
                     return
@@ -748,24 +881,29 @@ class Server:
             self.display.clear()
 
     def handle(self, rcv: Any, r: int, record: RoundRecord) -> None:
-        """Take one message from a client: store its decoder, or count its failure.
+        """Take one message from a client rank: store an update, or count a failure.
 
-        Only the first message from a client that was asked for a round answers that
-        round; anything else (a second message, a message nobody asked for) is rejected
-        and counted as ``unsolicited``. Every rejection is logged with the sender's rank.
+        An UPDATE or ERROR answers the request of the client it names, which must be
+        placed on the sending rank; a message that names none (undecodable, or of an
+        unexpected kind) answers the rank's oldest open request. Only the first answer
+        to a request counts; anything else (a second message, a message nobody asked
+        for) is rejected and counted as ``unsolicited``. Every rejection is logged with
+        the sender's rank.
         """
-        c = rcv.source - 1
-        who = f"client {c} (rank {rcv.source})"
-        if not 0 <= c < self.n:
-            log.warning("round %d: message from unexpected rank %d ignored", _round_no(r),
-                        rcv.source)
+        rank = rcv.source
+        hosted = self._hosted(rank)
+        if not hosted:
+            log.warning("round %d: message from unexpected rank %d ignored", _round_no(r), rank)
             return
         record.comm_bytes += rcv.nbytes
         if rcv.ok and rcv.tag == Tag.PROGRESS:  # informational: never an answer
             prog: Progress = rcv.payload
-            if self.busy.get(c) == prog.round and prog.client_id == c:
-                self.progress.update(c, done=prog.done, total=prog.total, now=time.monotonic())
+            if prog.client_id in hosted and self.busy.get(prog.client_id) == prog.round:
+                self.progress.update(prog.client_id, done=prog.done, total=prog.total,
+                                     now=time.monotonic())
             return
+        c, forced = self._answering(rcv, rank, hosted)
+        who = f"client {c} (rank {rank})"
         if c not in self.busy:
             what = str(rcv.error) if not rcv.ok else f"unsolicited {Tag(rcv.tag).name} message"
             log.warning("round %d: rejected message from %s: %s", _round_no(r), who, what)
@@ -773,10 +911,15 @@ class Server:
             idle["unsolicited"] = int(idle.get("unsolicited", 0)) + 1
             return
         was_round = self.busy.pop(c)
+        if c in self.queue.get(rank, []):
+            self.queue[rank].remove(c)
         entry: dict[str, Any] = {"message_bytes": rcv.nbytes}
         if c in self.asked_at:
             entry["answer_s"] = time.perf_counter() - self.asked_at.pop(c)
-        if not rcv.ok:
+        if forced is not None:
+            entry.update(status="rejected", error=_clean_text(forced))
+            log.warning("round %d: rejected message from %s: %s", _round_no(r), who, forced)
+        elif not rcv.ok:
             entry.update(status="rejected", error=_clean_text(str(rcv.error)))
             log.warning("round %d: rejected message from %s: %s", _round_no(r), who, rcv.error)
         elif rcv.tag == Tag.ERROR:
@@ -793,6 +936,20 @@ class Server:
             entry.update(status="rejected", error=reason)
             log.warning("round %d: rejected message from %s: %s", _round_no(r), who, reason)
         record.clients[c] = entry
+
+    def _answering(self, rcv: Any, rank: int, hosted: list[int]) -> tuple[int, str | None]:
+        """The client a message from ``rank`` answers, and a rejection reason if it must be
+        refused whatever it holds (it names a client that ``rank`` does not host)."""
+        oldest = (self.queue.get(rank) or hosted)[0]
+        if not (rcv.ok and rcv.tag in (Tag.UPDATE, Tag.ERROR, Tag.READY)):
+            return oldest, None
+        claimed = int(rcv.payload.client_id)
+        if claimed in hosted:
+            return claimed, None
+        if rcv.tag == Tag.ERROR and claimed < 0:  # the rank itself failed
+            return oldest, None
+        what = {Tag.UPDATE: "update", Tag.ERROR: "error report"}.get(rcv.tag, "ready message")
+        return oldest, f"{what} claims client {claimed}, which rank {rank} does not host"
 
     def _take_update(self, upd: ClientUpdate, *, c: int, who: str, asked: int,
                      r: int) -> dict[str, Any]:
@@ -862,23 +1019,25 @@ class Server:
         if missing or not sent:
             from .transport import finalize_abort
 
-            log.error("clients %s did not stop within %.0f s%s; results are complete, "
-                      "aborting them", missing, self.cfg.server.stop_timeout_s,
-                      "" if sent else " (sends still pending)")
+            clients = sorted(c for rank in missing for c in self._hosted(rank))
+            log.error("client ranks %s with clients %s did not stop within %.0f s%s; results "
+                      "are complete, aborting them", missing, clients,
+                      self.cfg.server.stop_timeout_s, "" if sent else " (sends still pending)")
             finalize_abort(self.transport.comm, 3)
         log.info("results in %s", self.results_path)
 
     def _collect_byes(self, *, timeout: float) -> list[int]:
-        """Drain messages until every client said BYE; return those that did not in time."""
-        waiting = set(range(self.n))
+        """Drain messages until every client rank said BYE; return the ranks that did not in
+        time."""
+        waiting = set(range(1, self.n_ranks + 1))
         end = time.monotonic() + timeout
         dropped = 0
         while waiting and time.monotonic() < end:
             rcv = self.transport.recv(timeout=max(0.0, end - time.monotonic()))
             if rcv is None:
                 break
-            if rcv.ok and rcv.tag == Tag.BYE and rcv.source - 1 in waiting:
-                waiting.discard(rcv.source - 1)
+            if rcv.ok and rcv.tag == Tag.BYE and rcv.source in waiting:
+                waiting.discard(rcv.source)
             else:
                 dropped += 1
         while self.transport.recv(timeout=0.0) is not None:  # anything still queued
@@ -907,6 +1066,7 @@ def _exc_info() -> tuple[BaseException, str]:
 
 
 RESUME_MAY_CHANGE = ("rounds", "data.data_root", "data.partition", "output.", "server.device",
+                     "server.pipeline",
                      "client.device", "clients.", "server.round_deadline_s",
                      "server.final_drain_s", "server.start_timeout_s", "server.stop_timeout_s",
                      "client.private_dir")

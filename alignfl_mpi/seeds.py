@@ -34,6 +34,7 @@ class Role(IntEnum):
     REFERENCE_TRAIN = 11       # (epoch,): the centralised references' training
     REFERENCE_CLIENT = 12      # (client, round): the FedAvg classifier reference's clients
     STRATEGY = 13              # (round,): a strategy's own server-side randomness
+    PARTICIPANTS = 14          # (round,): the clients asked in a round
 
 
 def derive_seed(seed: int, role: Role, *ids: int) -> int:

@@ -94,6 +94,10 @@ class Strategy:
                 raise ConfigError(f"strategy {self.name!r} averages weights and needs every "
                                   f"client to have the server's model; client {k} has "
                                   f"{c.model} but server.model is {cfg.server.model}")
+        if cfg.server.pipeline and self.needs_global_model:
+            raise ConfigError(f"server.pipeline cannot run strategy {self.name!r}: its clients "
+                              "start each round from the global model of the round before; "
+                              "set server.pipeline = false")
         check_message_limit(cfg, whole_model=self.update_kind == "model")
 
     # --- client side ----------------------------------------------------------------------

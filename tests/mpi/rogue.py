@@ -128,7 +128,7 @@ def hostile(r):
     yield "wrong round", Tag.UPDATE, encode_message(update_msg(r, round_=r + 7))
     yield "NUL in error text", Tag.ERROR, encode_message(Message(kind="error", meta={
         "rank": rank, "host": "h", "round": r, "exc_type": "E", "message": "a\x00b",
-        "traceback": ""}))
+        "traceback": "", "client_id": me}))
     yield "oversized", Tag.UPDATE, bytes(limit + 1024)
     yield "unsolicited ready", Tag.READY, encode_message(Ready(
         client_id=me, host="h", device="cpu", n_samples=1, setup_s=0.0).to_message())

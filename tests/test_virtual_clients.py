@@ -1,0 +1,153 @@
+"""Many clients per rank and partial participation: placement, sampling, and one run that
+resumes on another number of ranks and still equals the uninterrupted run bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from mpi_helpers import find_mpiexec
+
+from alignfl_mpi.config import RunConfig, load_config, participants_per_round
+from alignfl_mpi.errors import ConfigError
+from alignfl_mpi.placement import place_clients, sample_participants
+from alignfl_mpi.results import load
+
+
+# --- without MPI ---------------------------------------------------------------------------
+def test_placement_balances_samples_and_gives_every_rank_a_client():
+    sizes = [100, 90, 80, 70, 60, 50, 40, 30, 20, 10]
+    placed = place_clients(sizes, n_ranks=3)
+    assert sorted(c for rank in placed for c in rank) == list(range(10))
+    assert all(placed)
+    loads = [sum(sizes[c] for c in rank) for rank in placed]
+    assert max(loads) - min(loads) <= max(sizes) // 2  # greedy: within one small client
+    assert place_clients(sizes, n_ranks=3) == placed  # every rank computes the same
+    assert place_clients([5, 5, 5], n_ranks=3) == [[0], [1], [2]]
+    # one large client: the other ranks still get one each
+    assert all(place_clients([1000, 1, 1, 1], n_ranks=3))
+    with pytest.raises(ValueError, match="every rank needs a client"):
+        place_clients([1, 2], n_ranks=3)
+
+
+def test_participants_depend_on_seed_and_round_only():
+    rounds = [sample_participants(7, r, n_clients=100, k=10) for r in range(20)]
+    assert all(len(set(p)) == 10 and p == sorted(p) for p in rounds)
+    assert len({tuple(p) for p in rounds}) == 20  # a new draw every round
+    assert rounds[3] == sample_participants(7, 3, n_clients=100, k=10)
+    assert rounds[3] != sample_participants(8, 3, n_clients=100, k=10)
+    # every client is asked about equally often
+    counts = np.bincount(np.concatenate(rounds), minlength=100)
+    assert counts.sum() == 200 and counts.max() <= 8
+
+
+@pytest.mark.parametrize(("value", "n", "k"), [(1.0, 5, 5), (0.5, 20, 10), (0.01, 20, 1),
+                                               (3, 20, 3), (20, 20, 20)])
+def test_clients_per_round_is_a_fraction_or_a_count(value, n, k):
+    assert participants_per_round(RunConfig(n_clients=n, clients_per_round=value)) == k
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    (0.0, "must be a fraction in \\(0, 1\\] or a whole count > 1"),
+    (2.5, "must be a fraction in \\(0, 1\\] or a whole count > 1"),
+    (30, "is more than n_clients = 20"),
+])
+def test_bad_clients_per_round_is_one_line(value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=["n_clients=20", f"clients_per_round={value}"])
+
+
+# --- under mpiexec -------------------------------------------------------------------------
+N_CLIENTS = 20
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """20 clients, participation 0.5, 3 rounds: uninterrupted and synchronous on 3 ranks (2
+    client ranks); and pipelined, 1 round on 2 ranks (all clients on one rank), resumed to 3
+    rounds on 5 ranks."""
+    if find_mpiexec() is None:
+        pytest.skip("no mpiexec available")
+    from test_mpi_runtime import launch, tiny_partition, write_config
+
+    tmp = tmp_path_factory.mktemp("virtual")
+    part = tiny_partition(tmp / "p.h5", n_clients=N_CLIENTS, n_per_client=24)
+    sets = ["--set", "clients_per_round=0.5", "--set", "server.quality_metrics=false",
+            "--set", "output.png=false"]
+    out = {}
+    for name in ("full", "split"):
+        cfg = write_config(tmp / f"{name}.toml", part, tmp / name, n_clients=N_CLIENTS,
+                           rounds=3)
+        out[name] = tmp / name / "results.h5"
+        if name == "full":
+            out["procs"] = [launch(3, "run", "--config", str(cfg), *sets, timeout=300)]
+        else:
+            sets += ["--set", "server.pipeline=true"]
+            out["procs"] += [
+                launch(2, "run", "--config", str(cfg), *sets, "--rounds", "1", timeout=300),
+                launch(5, "run", "--config", str(cfg), *sets, "--resume", timeout=300)]
+    return out
+
+
+@pytest.mark.mpi
+def test_runs_many_clients_per_rank_with_participation(runs):
+    for proc in runs["procs"]:
+        assert proc.returncode == 0, proc.stderr
+    res = load(runs["full"])
+    assert res.finished and res.rounds == [1, 2, 3]
+    placement = list(res.attrs["placement"])
+    assert sorted(set(placement)) == [1, 2] and len(placement) == N_CLIENTS
+    asked = [[c for c in range(N_CLIENTS) if res.clients[c]["status"][r] == "ok"]
+             for r in range(3)]
+    assert asked == [sample_participants(3, r, n_clients=N_CLIENTS, k=10) for r in range(3)]
+    ever = set().union(*asked)
+    assert all(set(res.clients[c]["status"]) == {"not_asked"}
+               for c in range(N_CLIENTS) if c not in ever)
+    # the stateful server keeps every client's last decoder: it samples from all of them
+    stored = [len(set().union(*asked[:r + 1])) for r in range(3)]
+    assert list(res.server["n_synthetic"]) == [n * 32 for n in stored]
+    assert sorted(res.final_decoders()) == sorted(ever)
+
+
+@pytest.mark.mpi
+def test_pipelined_resumed_on_other_ranks_equals_the_synchronous_run(runs):
+    """Neither the placement nor the pipeline changes results: pipelined, 1 round on 2 ranks
+    and resumed on 5, equals 3 synchronous rounds on 3 ranks bit for bit (each client's
+    checkpoint is its own; the server's round r uses exactly round r's updates)."""
+    a, b = load(runs["full"]), load(runs["split"])
+    assert b.finished and list(b.attrs["placement"]) != list(a.attrs["placement"])
+    _, ga = a.final_global()
+    _, gb = b.final_global()
+    for k in ga:
+        np.testing.assert_array_equal(ga[k], gb[k], err_msg=k)
+    for key in ("loss", "n_synthetic"):
+        np.testing.assert_array_equal(a.server[key], b.server[key], err_msg=key)
+    np.testing.assert_array_equal(a.eval["latent_accuracy"], b.eval["latent_accuracy"])
+    for c in range(N_CLIENTS):
+        assert list(a.clients[c]["status"]) == list(b.clients[c]["status"])
+        if "loss" in a.clients[c]:
+            np.testing.assert_array_equal(a.clients[c]["loss"], b.clients[c]["loss"])
+
+
+def test_pipeline_is_refused_for_strategies_that_send_the_global_model():
+    from alignfl_mpi.strategies import build_strategy
+
+    with pytest.raises(ConfigError, match="server.pipeline cannot run strategy 'fedavg'"):
+        build_strategy(load_config(overrides=['strategy="fedavg"', "server.pipeline=true"]))
+    build_strategy(load_config(overrides=["server.pipeline=true"]))
+
+
+@pytest.mark.mpi
+def test_world_size_must_fit_the_clients(tmp_path):
+    if find_mpiexec() is None:
+        pytest.skip("no mpiexec available")
+    from test_mpi_runtime import launch, tiny_partition, write_config
+
+    part = tiny_partition(tmp_path / "p.h5", n_clients=2)
+    cfg = write_config(tmp_path / "c.toml", part, tmp_path / "run", n_clients=2)
+    proc = launch(4, "run", "--config", str(cfg), timeout=120)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert lines == ["alignfl-mpi: error: world size 4 does not fit the config: 2 clients "
+                     "run on 1 to 2 client ranks plus the server (mpiexec -n 2 .. 3)"], \
+        proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
