@@ -330,32 +330,41 @@ class ServerState:
             of conditional decoders' samples (-1 otherwise) are kept in
             :attr:`last_classes`.
         """
-        shares = self.pool_plan(round_=round_, n_per_client=n_per_client)
+        shares = {cid: n for cid, n in
+                  self.pool_plan(round_=round_, n_per_client=n_per_client).items() if n}
         gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, Role.SERVER_SAMPLE,
                                                         round_))
-        images, labels, classes = [], [], []
         self.last_evicted = []
-        for cid, n in shares.items():
-            if n == 0:
-                continue
-            x, y = self.registry[cid].sample(n, generator=gen, device=self.device)
-            if not bool(torch.isfinite(x).all()) or float(x.min()) < 0 or float(x.max()) > 1:
-                # the probe saw finite outputs, but this draw is not: never let it into the
-                # pool, and drop the decoder so that it cannot spoil later rounds either
-                log.error("round %d: client %d's decoder produced non-finite or out-of-range "
-                          "images; it is evicted until the client sends a new one",
-                          round_ + 1, cid)
-                del self.registry[cid]
-                self.last_evicted.append(cid)
-                continue
-            images.append(x.reshape(n, *self.spec.image_shape))
-            labels.append(torch.full((n,), cid, dtype=torch.long))
-            classes.append(y)
-        if not images:
+        if not shares:
             self.last_classes = torch.empty(0, dtype=torch.long)
             return torch.empty(0, *self.spec.image_shape), torch.empty(0, dtype=torch.long)
+        images, classes = [], []
+        for cid, n in shares.items():
+            x, y = self.registry[cid].sample(n, generator=gen, device=self.device)
+            images.append(x.reshape(n, *self.spec.image_shape))
+            classes.append(y)
+        pool = torch.cat(images)
+        labels = torch.repeat_interleave(torch.tensor(list(shares), dtype=torch.long),
+                                         torch.tensor(list(shares.values())))
         self.last_classes = torch.cat(classes)
-        return torch.cat(images), torch.cat(labels)
+        # one pass over the whole pool instead of three small reductions per decoder
+        flat = pool.reshape(len(pool), -1)
+        bad = ~torch.isfinite(flat).all(dim=1) | (flat.amin(dim=1) < 0) | (flat.amax(dim=1) > 1)
+        if not bool(bad.any()):
+            return pool, labels
+        for cid in labels[bad.cpu()].unique().tolist():
+            # the probe saw finite outputs, but this draw is not: never let it into the
+            # pool, and drop the decoder so that it cannot spoil later rounds either
+            log.error("round %d: client %d's decoder produced non-finite or out-of-range "
+                      "images; it is evicted until the client sends a new one",
+                      round_ + 1, cid)
+            del self.registry[cid]
+            self.last_evicted.append(cid)
+        keep = ~torch.isin(labels, torch.tensor(self.last_evicted, dtype=torch.long))
+        self.last_classes = self.last_classes[keep]
+        if not bool(keep.any()):
+            return torch.empty(0, *self.spec.image_shape), torch.empty(0, dtype=torch.long)
+        return pool[keep.to(pool.device)], labels[keep]
 
     def pool_plan(self, *, round_: int, n_per_client: int | None = None) -> dict[int, int]:
         """Images each stored decoder gives to round ``round_``'s pool, in client id order.

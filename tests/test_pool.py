@@ -207,7 +207,7 @@ def test_registry_bytes_counts_the_stored_decoder_tensors():
     _store(server, 0)  # a new decoder replaces the old one
     assert server.registry_bytes() == 2 * one
     # the paper preset's MLP decoder: about 2.3 MB, so 1000 of them are about 2.3 GB
-    paper = model_spec(load_config().client.model)
+    paper = model_spec(load_config(preset="paper").client.model)
     size = sum(v.numel() * 4 for v in build_decoder(paper).state_dict().values())
     assert 2.0e6 < size < 2.6e6
     assert np.isclose(size * 1000 / 1e9, 2.3, atol=0.3)
