@@ -162,7 +162,7 @@ def class_weights(labels: torch.Tensor) -> np.ndarray:
     >>> class_weights(torch.tensor([0, 0, 10])).round(3).tolist()[::10]
     [0.667, 0.333]
     """
-    counts = np.bincount(labels.numpy(), minlength=CONDITIONAL_CLASSES).astype(np.float64)
+    counts = np.bincount(labels.cpu().numpy(), minlength=CONDITIONAL_CLASSES).astype(np.float64)
     return counts / counts.sum()
 
 

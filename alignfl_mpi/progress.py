@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -58,10 +58,13 @@ class ProgressTable:
         return done / total
 
     def status(self, *, round_no: int, rounds: int, done: set[int], started: float,
-               now: float) -> str:
-        """One status line: clients done, the slowest busy client's epoch, elapsed, ETA."""
-        parts = [f"round {round_no}/{rounds}", f"clients done {len(done)}/{self.n_clients}"]
-        busy = [c for c in range(self.n_clients) if c not in done]
+               now: float, asked: Collection[int] | None = None) -> str:
+        """One status line: clients done (of those ``asked``, default all), the slowest busy
+        client's epoch, elapsed, ETA."""
+        asked = range(self.n_clients) if asked is None else sorted(asked)
+        finished = sum(1 for c in asked if c in done)
+        parts = [f"round {round_no}/{rounds}", f"clients done {finished}/{len(asked)}"]
+        busy = [c for c in asked if c not in done]
         elapsed = now - started
         if busy:
             slowest = min(busy, key=lambda c: (self.fraction(c), c))

@@ -362,8 +362,9 @@ class ClientLoop:
                     old.unlink()
             device = pick_device(ccfg.device, local_rank=self.local_rank)
             part = read_client(path, cid)
-            slot.data = images_to_tensor(part.images)
-            slot.labels = torch.from_numpy(part.labels)
+            # on the client's device once: no copy per step (a rank may host many clients)
+            slot.data = images_to_tensor(part.images).to(device)
+            slot.labels = torch.from_numpy(part.labels).to(device)
             slot.state = new_local_state(cid, ccfg, seed=self.cfg.seed, device=device)
             slot.state.extra["total_rounds"] = self.cfg.rounds
             slot.outliers = part.images[part.outlier]
@@ -727,9 +728,16 @@ class Server:
             self.busy[c] = -1
             self.queue.setdefault(self.rank_of[c], []).append(c)
         self._results().set_attrs({"clients_info": info})
-        log.info("clients ready: %s", ", ".join(
-            f"{c}@{v.get('host', '?')}:{v.get('device', 'failed')}" for c, v in sorted(
-                info.items(), key=lambda kv: int(kv[0]))))
+        where = [f"{v.get('host', '?')}:{v.get('device', 'failed')}"
+                 for _, v in sorted(info.items(), key=lambda kv: int(kv[0]))]
+        if len(where) <= 10:
+            log.info("clients ready: %s", ", ".join(
+                f"{c}@{w}" for c, w in zip(sorted(map(int, info)), where)))
+        else:  # many clients: how many on each host and device
+            counts = {w: where.count(w) for w in sorted(set(where))}
+            log.info("clients ready: %d of %d (%s)", sum(n for w, n in counts.items()
+                                                         if not w.endswith(":failed")),
+                     self.n, ", ".join(f"{n} on {w}" for w, n in counts.items()))
 
     def _set_up_client(self, rcv: Any, pending: set[int]) -> int | None:
         """The client a set-up message is about, or None (logged) when it names none of
@@ -861,6 +869,7 @@ class Server:
         started = time.monotonic()
         end = None if deadline is None else started + deadline
         self.progress.reset()
+        asked = {c for c, v in self.busy.items() if v == r}
         try:
             while any(v == r for v in self.busy.values()):
                 now = time.monotonic()
@@ -873,10 +882,10 @@ class Server:
                         self.display.client_done(c, time.monotonic() - started)
                 elif end is not None and time.monotonic() >= end:
                     return
-                done = {c for c in range(self.n) if self.busy.get(c) != r}
+                done = {c for c in asked if self.busy.get(c) != r}
                 self.display.show(self.progress.status(
                     round_no=_round_no(r), rounds=self.cfg.rounds, done=done, started=started,
-                    now=time.monotonic()))
+                    now=time.monotonic(), asked=asked))
         finally:
             self.display.clear()
 
