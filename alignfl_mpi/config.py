@@ -278,6 +278,10 @@ class RunConfig:
             another.
         clients_per_round: The clients asked each round, sampled from (seed, round): a
             fraction in (0, 1] of ``n_clients`` (1: all), or a whole count > 1.
+        rank_memory_mb: Memory budget of one client rank for its clients' state (VAE,
+            optimizer, privacy and strategy state), in MB; above it the least recently
+            trained clients' states spill to their private folders and are read back when
+            they are asked again (0: no limit, everything stays in memory).
         data: The partition.
         client: Defaults for every client.
         clients: Per-client overrides (tables with any ``client`` keys), one per client.
@@ -291,6 +295,7 @@ class RunConfig:
     rounds: int = 5
     n_clients: int = 5
     clients_per_round: float = 1.0
+    rank_memory_mb: float = 0.0
     data: DataConfig = field(default_factory=DataConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     clients: tuple[dict[str, Any], ...] = ()
@@ -538,6 +543,7 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"config key 'strategy_options.{key}' must be a finite number or "
                               f"a string, got {value!r}")
     _positive("n_clients", cfg.n_clients)
+    _positive("rank_memory_mb", cfg.rank_memory_mb, allow_zero=True)
     cpr = cfg.clients_per_round
     if not (math.isfinite(cpr) and cpr > 0 and (cpr <= 1 or float(cpr).is_integer())):
         raise ConfigError(f"config key 'clients_per_round' must be a fraction in (0, 1] or a "

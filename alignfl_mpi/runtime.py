@@ -257,6 +257,7 @@ class ClientSlot:
     outliers: np.ndarray = field(default_factory=lambda: np.zeros((0, 28, 28), np.uint8))
     classifier: Any = None
     setup_error: BaseException | None = None
+    spilled: bool = False  # its state is in SPILL_NAME in ckpt_dir, not in memory
 
 
 class ClientLoop:
@@ -275,6 +276,7 @@ class ClientLoop:
         self.client_id = self.rank - 1  # the client being served (set per client)
         self.global_state: dict[str, np.ndarray] | None = None  # the last MODEL received
         self.pending: list[Any] = []  # PROGRESS sends in flight
+        self.resident: list[int] = []  # clients whose state is in memory, least recent first
 
     # attributes of the client being served, for the per-client methods and test hooks
     @property
@@ -355,11 +357,12 @@ class ClientLoop:
         cid = slot.client_id
         try:
             ccfg = self.cfg.client_config(cid)
-            if self.cfg.output.checkpoint or self.resume:
+            if self.cfg.output.checkpoint or self.resume or self.cfg.rank_memory_mb > 0:
                 ensure_private(slot.ckpt_dir)
             if not self.resume:  # a fresh run: no older run's checkpoints may be mixed in
                 for old in slot.ckpt_dir.glob("round_*.ckpt"):
                     old.unlink()
+            (slot.ckpt_dir / SPILL_NAME).unlink(missing_ok=True)  # an older job's spill
             device = pick_device(ccfg.device, local_rank=self.local_rank)
             part = read_client(path, cid)
             # on the client's device once: no copy per step (a rank may host many clients)
@@ -367,6 +370,8 @@ class ClientLoop:
             slot.labels = torch.from_numpy(part.labels).to(device)
             slot.state = new_local_state(cid, ccfg, seed=self.cfg.seed, device=device)
             slot.state.extra["total_rounds"] = self.cfg.rounds
+            self.resident.append(cid)
+            self._enforce_budget(keep=cid)
             slot.outliers = part.images[part.outlier]
             if len(slot.outliers) and ccfg.privacy.mode == "none":  # DP: not covered by ε
                 slot.classifier = reference_classifier(path, device=device)
@@ -398,6 +403,8 @@ class ClientLoop:
         """One client's round: train, checkpoint, send UPDATE; or send ERROR."""
         r = instruction.round
         slot = self.slot
+        if slot.spilled:
+            self._unspill(slot)
         if slot.resume and slot.setup_error is None and slot.state is not None:
             # outside the try: a client that cannot resume would go on from fresh weights
             # and silently spoil the resumed run, so it ends the job (ClientLoop.run)
@@ -429,6 +436,38 @@ class ClientLoop:
             err = RemoteError.from_exception(exc, rank=self.rank, round=r,
                                              client_id=slot.client_id)
             self.transport.send(0, Tag.ERROR, err.to_message())
+        if slot.state is not None:
+            if slot.client_id in self.resident:
+                self.resident.remove(slot.client_id)
+            self.resident.append(slot.client_id)
+            self._enforce_budget(keep=slot.client_id)
+
+    # -- the rank's memory budget (rank_memory_mb) ------------------------------------------
+    def _enforce_budget(self, *, keep: int) -> None:
+        """Spill the least recently trained clients' states while over the budget."""
+        budget = self.cfg.rank_memory_mb * 2**20
+        if budget <= 0:
+            return
+        while len(self.resident) > 1:
+            total = sum(_state_bytes(self.slots[c].state) for c in self.resident)
+            if total <= budget:
+                return
+            victim = next(c for c in self.resident if c != keep)
+            slot = self.slots[victim]
+            assert slot.state is not None
+            save_checkpoint(slot.ckpt_dir / SPILL_NAME, slot.state.state_dict())
+            slot.state, slot.spilled = None, True
+            self.resident.remove(victim)
+            log.debug("client %d spilled to %s", victim, slot.ckpt_dir)
+
+    def _unspill(self, slot: ClientSlot) -> None:
+        """Read a spilled client's state back (the same state, bit for bit)."""
+        ccfg = self.cfg.client_config(slot.client_id)
+        device = pick_device(ccfg.device, local_rank=self.local_rank)
+        state = new_local_state(slot.client_id, ccfg, seed=self.cfg.seed, device=device)
+        state.load_state_dict(load_checkpoint(slot.ckpt_dir / SPILL_NAME))
+        slot.state, slot.spilled = state, False
+        (slot.ckpt_dir / SPILL_NAME).unlink(missing_ok=True)
 
     def _expected_steps(self) -> int:
         """Optimizer steps of one local round (expected, with Poisson batches under DP)."""
@@ -480,6 +519,30 @@ class ClientLoop:
         return any(self.client_id in sample_participants(self.cfg.seed, r,
                                                          n_clients=self.cfg.n_clients, k=k)
                    for r in range(round_))
+
+
+SPILL_NAME = "spilled.ckpt"
+"""A spilled client's state in its private folder (``rank_memory_mb``)."""
+
+
+def _state_bytes(state: LocalState | None) -> int:
+    """Bytes of the tensors a client keeps: VAE, optimizer, extra (accountant, MOON's
+    previous models)."""
+    if state is None:
+        return 0
+
+    def walk(obj: Any) -> int:
+        if isinstance(obj, torch.Tensor):
+            return obj.numel() * obj.element_size()
+        if isinstance(obj, np.ndarray):
+            return int(obj.nbytes)
+        if isinstance(obj, dict):
+            return sum(walk(v) for v in obj.values())
+        if isinstance(obj, list | tuple):
+            return sum(walk(v) for v in obj)
+        return 0
+
+    return walk(state.state_dict())
 
 
 # --- server side ----------------------------------------------------------------------
@@ -1075,7 +1138,7 @@ def _exc_info() -> tuple[BaseException, str]:
 
 
 RESUME_MAY_CHANGE = ("rounds", "data.data_root", "data.partition", "output.", "server.device",
-                     "server.pipeline",
+                     "server.pipeline", "rank_memory_mb",
                      "client.device", "clients.", "server.round_deadline_s",
                      "server.final_drain_s", "server.start_timeout_s", "server.stop_timeout_s",
                      "client.private_dir")

@@ -63,8 +63,8 @@ N_CLIENTS = 20
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """20 clients, participation 0.5, 3 rounds: uninterrupted and synchronous on 3 ranks (2
-    client ranks); and pipelined, 1 round on 2 ranks (all clients on one rank), resumed to 3
-    rounds on 5 ranks."""
+    client ranks); and pipelined with clients spilling to disk, 1 round on 2 ranks (all
+    clients on one rank), resumed to 3 rounds on 5 ranks."""
     if find_mpiexec() is None:
         pytest.skip("no mpiexec available")
     from test_mpi_runtime import launch, tiny_partition, write_config
@@ -81,7 +81,10 @@ def runs(tmp_path_factory):
         if name == "full":
             out["procs"] = [launch(3, "run", "--config", str(cfg), *sets, timeout=300)]
         else:
-            sets += ["--set", "server.pipeline=true"]
+            # pipelined, and a memory budget of ~2 clients' state: the others spill
+            sets += ["--set", "server.pipeline=true", "--set", "rank_memory_mb=1.5",
+                     "--set", f'client.private_dir="{tmp / "private"}"']
+            out["private"] = tmp / "private"
             out["procs"] += [
                 launch(2, "run", "--config", str(cfg), *sets, "--rounds", "1", timeout=300),
                 launch(5, "run", "--config", str(cfg), *sets, "--resume", timeout=300)]
@@ -110,9 +113,12 @@ def test_runs_many_clients_per_rank_with_participation(runs):
 
 @pytest.mark.mpi
 def test_pipelined_resumed_on_other_ranks_equals_the_synchronous_run(runs):
-    """Neither the placement nor the pipeline changes results: pipelined, 1 round on 2 ranks
-    and resumed on 5, equals 3 synchronous rounds on 3 ranks bit for bit (each client's
-    checkpoint is its own; the server's round r uses exactly round r's updates)."""
+    """Neither the placement, the pipeline nor spilling changes results: pipelined and over
+    its memory budget, 1 round on 2 ranks and resumed on 5, equals 3 synchronous rounds on 3
+    ranks bit for bit (each client's checkpoint is its own; the server's round r uses
+    exactly round r's updates; a spilled state is read back as it was)."""
+    # clients not asked again since they spilled are still on disk at the end
+    assert list(runs["private"].glob("run-*/client_*/spilled.ckpt"))
     a, b = load(runs["full"]), load(runs["split"])
     assert b.finished and list(b.attrs["placement"]) != list(a.attrs["placement"])
     _, ga = a.final_global()
