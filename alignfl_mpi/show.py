@@ -92,7 +92,11 @@ def _data_line(res: Results) -> str:
         text += f", {n_out} {domain} outliers on client {client}"
     sizes = part.get("client_sizes")
     if sizes:
-        text += f"; clients of {', '.join(str(s) for s in sizes)} images"
+        if len(sizes) <= 10:
+            text += f"; clients of {', '.join(str(s) for s in sizes)} images"
+        else:  # many clients: their spread, not every size
+            text += (f"; clients of {min(sizes)} to {max(sizes)} images "
+                     f"(median {int(np.median(sizes))})")
     return text
 
 
