@@ -95,8 +95,9 @@ def _cmd_partition(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .runtime import main_run
+    from .transport import finish
 
-    return main_run(args)
+    finish(main_run(args))  # the run is written: skip the interpreter's slow teardown
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

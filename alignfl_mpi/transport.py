@@ -21,6 +21,8 @@ for a few bytes, so sends to oneself use ``Isend`` and are completed by a later
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import NoReturn
@@ -341,3 +343,23 @@ def finalize_abort(comm: MPI.Comm, code: int) -> NoReturn:
     """Abort every rank of ``comm`` with exit status ``code`` (for unrecoverable errors)."""
     comm.Abort(code)
     raise SystemExit(code)  # not reached: MPI_Abort does not return
+
+
+def finish(code: int) -> NoReturn:
+    """End a rank whose run is over: flush, ``MPI_Finalize``, then exit at once.
+
+    Everything is written by then (results and checkpoints are atomic renames inside
+    ``with`` blocks), so the interpreter's own teardown, which takes 1-4 s per rank with
+    torch loaded, is skipped (``os._exit``). ``ALIGNFL_SLOW_EXIT=1`` keeps the ordinary exit.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    if os.environ.get("ALIGNFL_SLOW_EXIT") == "1":
+        raise SystemExit(code)
+    if MPI.Is_initialized() and not MPI.Is_finalized():
+        MPI.Finalize()
+    os._exit(code)
