@@ -897,11 +897,19 @@ class Server:
             record.clients.setdefault(c, {"status": "idle"}).update(values)
         t_eval = time.perf_counter() - t0
 
-        answered = [v for v in record.clients.values() if v.get("status") in ("ok", "late")]
-        # the clients' own train_s where they send it; under DP it stays on the client
-        # (it depends on the secret batch sizes), so the server's answer time stands in
-        t_client = max((v.get("train_s", v.get("answer_s", 0.0)) for v in answered),
-                       default=0.0)
+        # the busiest client rank's training: the sum of its clients' own train_s (a rank
+        # trains them one after another); under DP train_s stays on the client (it depends
+        # on the secret batch sizes), so the server's answer time of its last one stands in
+        per_rank: dict[int, float] = {}
+        for c, v in record.clients.items():
+            if v.get("status") not in ("ok", "late"):
+                continue
+            rank = self.rank_of.get(c, 0)
+            if "train_s" in v:
+                per_rank[rank] = per_rank.get(rank, 0.0) + float(v["train_s"])
+            else:
+                per_rank[rank] = max(per_rank.get(rank, 0.0), float(v.get("answer_s", 0.0)))
+        t_client = max(per_rank.values(), default=0.0)
         timings = {"client_training": t_client,
                    "communication": max(0.0, t_collect - t_client),
                    "collect": t_collect, "sampling": t_sampling, "server_training": t_server,

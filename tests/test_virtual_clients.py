@@ -157,3 +157,45 @@ def test_world_size_must_fit_the_clients(tmp_path):
                      "run on 1 to 2 client ranks plus the server (mpiexec -n 2 .. 3)"], \
         proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_lipschitz_of_a_stored_decoder_is_measured_once(tmp_path, monkeypatch):
+    """The per-round evaluation costs one Lipschitz estimate per decoder received, not per
+    decoder stored (with many clients most stored decoders did not change)."""
+    import torch
+    from strategy_helpers import local_round
+    from test_mpi_runtime import tiny_partition
+
+    import alignfl_mpi.assess as assess
+    from alignfl_mpi.client import new_local_state
+    from alignfl_mpi.schema import read_split
+    from alignfl_mpi.server import ServerState
+
+    part = tiny_partition(tmp_path / "p.h5", n_clients=2)
+    cfg = load_config(overrides=["n_clients=2", "server.quality_metrics=false",
+                                 "client.model.hidden=[16, 8]", "server.model.hidden=[16, 8]",
+                                 "client.local_epochs=1", "client.prior_components=2"])
+    images, labels = read_split(part)
+    cpu = torch.device("cpu")
+    evaluator = assess.RoundEvaluator(cfg=cfg, partition=part, test_images=images,
+                                      test_labels=labels, device=cpu)
+    server = ServerState(cfg, device=cpu)
+    calls = []
+    original = assess.lipschitz_report
+    monkeypatch.setattr(assess, "lipschitz_report",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+
+    def deliver(cid, round_):
+        state = new_local_state(cid, cfg.client_config(cid), seed=round_, device=cpu)
+        update = local_round(state, torch.rand(32, 1, 28, 28), round_=round_, seed=0)
+        server.accept(cid, spec=update.spec, state=update.state, prior=update.prior,
+                      round_=round_, metrics=update.metrics)
+
+    deliver(0, 0)
+    deliver(1, 0)
+    first = evaluator.lipschitz(server, round_=0)
+    assert len(calls) == 2 and sorted(first) == [0, 1]
+    assert evaluator.lipschitz(server, round_=1) == first and len(calls) == 2
+    deliver(0, 2)  # a new decoder from client 0 only
+    third = evaluator.lipschitz(server, round_=2)
+    assert len(calls) == 3 and third[1] == first[1] and third[0] != first[0]
