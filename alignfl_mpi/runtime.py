@@ -300,7 +300,7 @@ class ClientLoop:
         try:
             return self._serve()
         except BaseException as exc:  # the loop itself broke: never a silent exit
-            log.error("rank %d: %s: %s; aborting the job", self.rank,
+            log.error("client %d: %s: %s; aborting the job", self.client_id,
                       type(exc).__name__, exc, exc_info=True)
             try:
                 err = RemoteError.from_exception(exc, rank=self.rank, round=-1)
