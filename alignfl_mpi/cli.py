@@ -97,7 +97,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .runtime import main_run
     from .transport import finish
 
-    finish(main_run(args))  # the run is written: skip the interpreter's slow teardown
+    finish(main_run(args))  # flushes the logs first
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
