@@ -95,9 +95,8 @@ def _cmd_partition(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .runtime import main_run
-    from .transport import finish
 
-    finish(main_run(args))  # flushes the logs first
+    return main_run(args)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

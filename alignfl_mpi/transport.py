@@ -21,7 +21,6 @@ for a few bytes, so sends to oneself use ``Isend`` and are completed by a later
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from dataclasses import dataclass
 from typing import NoReturn
@@ -342,20 +341,3 @@ def finalize_abort(comm: MPI.Comm, code: int) -> NoReturn:
     """Abort every rank of ``comm`` with exit status ``code`` (for unrecoverable errors)."""
     comm.Abort(code)
     raise SystemExit(code)  # not reached: MPI_Abort does not return
-
-
-def finish(code: int) -> NoReturn:
-    """End a rank whose run is over: flush the logs and streams, then exit with ``code``.
-
-    The interpreter's ordinary exit (mpi4py finalises MPI at exit) is kept: skipping its
-    teardown with ``os._exit`` right after ``MPI_Finalize`` saved 3-4 s per launch but
-    made a rank that still had sends in flight to rank 0 (the hostile-rank test) end the
-    job with status 9 about one time in three.
-    """
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    raise SystemExit(code)
