@@ -127,13 +127,22 @@ class Strategy:
         Raises:
             MessageError: The update is refused; whatever was stored is kept.
         """
+        self.check_update(update, late=late)
+        server.accept(client_id, spec=update.spec, state=update.state, prior=update.prior,
+                      round_=update.round, metrics=update.metrics)
+
+    def check_update(self, update: ClientUpdate, *, late: bool) -> None:
+        """Refuse an update of the wrong kind, or a late one where clients start from the
+        global model (it was trained from an older one).
+
+        Raises:
+            MessageError: One line naming the reason.
+        """
         if update.kind != self.update_kind:
             raise MessageError(f"strategy {self.name!r} takes '{self.update_kind}' updates, "
                                f"not '{update.kind}'")
         if late and self.needs_global_model:
             raise MessageError(f"late update for round {update.round + 1} is not averaged")
-        server.accept(client_id, spec=update.spec, state=update.state, prior=update.prior,
-                      round_=update.round, metrics=update.metrics)
 
     def aggregate(self, server: ServerState, round_: int,
                   pool: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:

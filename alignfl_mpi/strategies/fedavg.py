@@ -36,6 +36,7 @@ from ..privacy import train_private_round
 from .base import Strategy
 
 if TYPE_CHECKING:
+    from ..config import RunConfig
     from ..server import ServerState
 
 
@@ -78,7 +79,7 @@ class FedAvg(Strategy):
     update_kind = "model"
     needs_global_model = True
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
         self.pending: dict[int, tuple[dict[str, np.ndarray], float]] = {}
 
@@ -154,11 +155,7 @@ class FedAvg(Strategy):
         Its decoder part also goes into the registry (with the N(0, I) prior the VAE was
         trained towards), so that the evaluation can sample what the server saw.
         """
-        if update.kind != self.update_kind:
-            raise MessageError(f"strategy {self.name!r} takes '{self.update_kind}' updates, "
-                               f"not '{update.kind}'")
-        if late:
-            raise MessageError(f"late update for round {update.round + 1} is not averaged")
+        self.check_update(update, late=late)
         if update.spec != server.spec.to_dict():
             raise MessageError(f"model spec {update.spec} differs from the global model's "
                                f"{server.spec.to_dict()}; {self.title} needs identical models")
