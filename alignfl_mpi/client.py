@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .arrays import state_arrays
-from .lipschitz import make_penalty
+from .lipschitz import Penalty, make_penalty
 from .models import CONDITIONAL_CLASSES, VAE, build_vae, latent_means, model_spec, vae_loss
 from .prior import GaussianMixturePrior, fit_gmm
 from .privacy import LOCAL_ONLY_METRICS
@@ -85,12 +85,16 @@ def begin_round(state: LocalState, *, seed: int, round_: int) -> tuple[int, torc
     return rs, torch.Generator().manual_seed(rs)
 
 
+def penalty_term(penalty: Penalty) -> Term:
+    """A Lipschitz penalty ``(vae, mu) -> (tensor, float)`` as a :data:`Term`."""
+    return lambda vae, _x, mu: penalty(vae, mu)[0]
+
+
 def lipschitz_term(state: LocalState, generator: torch.Generator) -> Term | None:
     """The decoder's Lipschitz gradient penalty at the batch's latent means, if configured."""
     if state.cfg.lipschitz.weight <= 0:
         return None
-    penalty = make_penalty(state.cfg.lipschitz, generator=generator)
-    return lambda vae, _x, mu: penalty(vae, mu)[0]
+    return penalty_term(make_penalty(state.cfg.lipschitz, generator=generator))
 
 
 def train_vae(state: LocalState, data: torch.Tensor, *, generator: torch.Generator,

@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from alignfl_mpi.arrays import images_to_tensor  # noqa: E402
-from alignfl_mpi.client import LocalState, train_vae  # noqa: E402
+from alignfl_mpi.client import LocalState, penalty_term, train_vae  # noqa: E402
 from alignfl_mpi.config import ClientConfig, LipschitzConfig, PrivacyConfig  # noqa: E402
 from alignfl_mpi.lipschitz import make_latent_penalty, make_penalty  # noqa: E402
 from alignfl_mpi.models import ModelSpec, build_vae  # noqa: E402
@@ -105,7 +105,7 @@ def plain_epoch_fn(data: torch.Tensor, batch_size: int, device: torch.device,
     state = LocalState(client_id=0, cfg=ClientConfig(local_epochs=1, batch_size=batch_size,
                                                      kl_weight=1.0),
                        vae=vae, optimizer=opt, device=device)
-    term = None if penalty is None else (lambda v, _x, mu: penalty(v, mu)[0])
+    term = None if penalty is None else penalty_term(penalty)
     return synchronised(lambda: train_vae(state, data, generator=gen, terms=(term,)), device)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from alignfl_mpi.client import LocalState, train_vae
+from alignfl_mpi.client import LocalState, penalty_term, train_vae
 from alignfl_mpi.config import ClientConfig, LipschitzConfig
 from alignfl_mpi.errors import ConfigError
 from alignfl_mpi.lipschitz import (
@@ -256,7 +256,7 @@ def train_epochs(vae, optimizer, data, *, epochs, batch_size, generator, penalty
     cfg = ClientConfig(local_epochs=epochs, batch_size=batch_size, kl_weight=1.0)
     state = LocalState(client_id=0, cfg=cfg, vae=vae, optimizer=optimizer,
                        device=torch.device("cpu"))
-    term = None if penalty is None else (lambda v, _x, mu: penalty(v, mu)[0])
+    term = None if penalty is None else penalty_term(penalty)
     return train_vae(state, data, generator=generator, terms=(term,))
 
 
