@@ -258,6 +258,7 @@ class ClientSlot:
     classifier: Any = None
     setup_error: BaseException | None = None
     spilled: bool = False  # its state is in SPILL_NAME in ckpt_dir, not in memory
+    nbytes: int = 0  # its state's size when it last became resident (rank_memory_mb)
 
 
 class ClientLoop:
@@ -444,20 +445,24 @@ class ClientLoop:
 
     # -- the rank's memory budget (rank_memory_mb) ------------------------------------------
     def _enforce_budget(self, *, keep: int) -> None:
-        """Spill the least recently trained clients' states while over the budget."""
+        """Spill the least recently trained clients' states while over the budget.
+
+        Only ``keep`` (just set up or trained) is measured; the others' sizes are those
+        recorded when they last became resident.
+        """
         budget = self.cfg.rank_memory_mb * 2**20
         if budget <= 0:
             return
-        while len(self.resident) > 1:
-            total = sum(_state_bytes(self.slots[c].state) for c in self.resident)
-            if total <= budget:
-                return
+        self.slots[keep].nbytes = _state_bytes(self.slots[keep].state)
+        total = sum(self.slots[c].nbytes for c in self.resident)
+        while len(self.resident) > 1 and total > budget:
             victim = next(c for c in self.resident if c != keep)
             slot = self.slots[victim]
             assert slot.state is not None
             save_checkpoint(slot.ckpt_dir / SPILL_NAME, slot.state.state_dict())
             slot.state, slot.spilled = None, True
             self.resident.remove(victim)
+            total -= slot.nbytes
             log.debug("client %d spilled to %s", victim, slot.ckpt_dir)
 
     def _unspill(self, slot: ClientSlot) -> None:
