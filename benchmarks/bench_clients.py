@@ -582,32 +582,30 @@ def plot(strong: list[dict[str, Any]], weak: list[dict[str, Any]], path: Path) -
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+
+    def panel(ax: Any, rows: list[dict[str, Any]], title: str) -> list[int]:
+        """Client phase and CPU per rank against the client ranks; returns the x values."""
+        x = [r["client_ranks"] for r in rows]
+        ax.plot(x, [r["collect"] for r in rows], "o-", label="client phase (wall)")
+        ax.plot(x, [r["client_cpu"] / r["client_ranks"] for r in rows], "s--",
+                label="client CPU per rank")
+        ax.set_title(title)
+        ax.set_xlabel("client ranks")
+        ax.set_xticks(x)
+        return x
+
     if strong:
-        ax = axes[0]
-        x = [r["client_ranks"] for r in strong]
-        ax.plot(x, [r["collect"] for r in strong], "o-", label="client phase (wall)")
-        ax.plot(x, [r["client_cpu"] / r["client_ranks"] for r in strong], "s--",
-                label="client CPU per rank")
-        ax.plot(x, [strong[0]["collect"] * x[0] / k for k in x], ":", color="grey",
-                label="ideal")
-        ax.set_title(f"strong scaling: {strong[0]['clients']} clients")
-        ax.set_xlabel("client ranks")
-        ax.set_ylabel("seconds (all rounds)")
-        ax.set_xticks(x)
-        ax.legend(fontsize=8)
+        x = panel(axes[0], strong, f"strong scaling: {strong[0]['clients']} clients")
+        axes[0].plot(x, [strong[0]["collect"] * x[0] / k for k in x], ":", color="grey",
+                     label="ideal")
+        axes[0].set_ylabel("seconds (all rounds)")
+        axes[0].legend(fontsize=8)
     if weak:
-        ax = axes[1]
-        x = [r["client_ranks"] for r in weak]
-        ax.plot(x, [r["collect"] for r in weak], "o-", label="client phase (wall)")
-        ax.plot(x, [r["client_cpu"] / r["client_ranks"] for r in weak], "s--",
-                label="client CPU per rank")
-        ax.axhline(weak[0]["collect"], ls=":", color="grey", label="ideal")
-        ax.set_title(f"weak scaling: {weak[0]['clients'] // weak[0]['client_ranks']} "
-                     "clients per rank")
-        ax.set_xlabel("client ranks")
-        ax.set_xticks(x)
-        ax.set_ylim(bottom=0)
-        ax.legend(fontsize=8)
+        panel(axes[1], weak, f"weak scaling: {weak[0]['clients'] // weak[0]['client_ranks']} "
+                             "clients per rank")
+        axes[1].axhline(weak[0]["collect"], ls=":", color="grey", label="ideal")
+        axes[1].set_ylim(bottom=0)
+        axes[1].legend(fontsize=8)
     fig.suptitle("2-core shared VM, CPU, OMP_NUM_THREADS=1", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
