@@ -21,6 +21,7 @@ for a few bytes, so sends to oneself use ``Isend`` and are completed by a later
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from typing import NoReturn
@@ -337,7 +338,26 @@ def node_local(comm: MPI.Comm) -> tuple[int, int]:
         local.Free()
 
 
-def finalize_abort(comm: MPI.Comm, code: int) -> NoReturn:
-    """Abort every rank of ``comm`` with exit status ``code`` (for unrecoverable errors)."""
+#: Seconds between flushing this rank's output and ``MPI_Abort``. The process manager
+#: (Hydra, ``srun``) forwards a rank's stdout/stderr through a pipe that it stops reading
+#: once the abort kills the job, so a line written just before the abort was lost on a
+#: loaded machine (seen in CI); the pause lets it be forwarded first.
+ABORT_GRACE_S = 1.0
+
+
+def finalize_abort(comm: MPI.Comm, code: int, grace_s: float = ABORT_GRACE_S) -> NoReturn:
+    """Abort every rank of ``comm`` with exit status ``code`` (for unrecoverable errors).
+
+    Flushes this rank's logging handlers, stdout and stderr, and waits ``grace_s`` for the
+    process manager to forward them, before ``MPI_Abort``.
+    """
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken stream: nothing more to forward
+            pass
+    time.sleep(grace_s)
     comm.Abort(code)
     raise SystemExit(code)  # not reached: MPI_Abort does not return
