@@ -20,7 +20,9 @@ straggler: the server goes on with its stored decoder and takes the late UPDATE 
 Failures (docs/DESIGN.md, "Failure model"): any exception on rank 0 that is not a user
 error before the first round aborts every rank within seconds (``MPI_Abort``), after one
 line on stderr and the traceback in ``RUN_DIR/error.log``; the results file keeps every
-completed round. Every message from a client is untrusted: a bad one is rejected with a
+completed round. A client rank whose own loop fails (outside the training step) sends an
+ERROR naming no client and aborts the job; rank 0 stops on that ERROR at once. Every
+message from a client is untrusted: a bad one is rejected with a
 reason naming its rank. STOP is answered by BYE; the server waits at most
 ``server.stop_timeout_s`` for them (draining anything else) and aborts the rest.
 """
@@ -243,6 +245,22 @@ def main_run(args: Any) -> int:
     return ClientLoop(transport, cfg, strategy, resume=args.resume, local_rank=local_rank).run()
 
 
+# --- a rank that aborts the job ----------------------------------------------------
+class RankAborted(AlignFLError):
+    """A client rank reported a failure outside the training step, after which it aborts
+    the job itself: rank 0 stops at once, so no round is recorded while the abort lands."""
+
+
+def _rank_abort_notice(rcv: Any) -> RankAborted | None:
+    """The :class:`RankAborted` for an ERROR that names no client (the rank's own loop
+    failed), else None."""
+    if rcv.ok and rcv.tag == Tag.ERROR and rcv.payload.client_id < 0:
+        err: RemoteError = rcv.payload
+        return RankAborted(f"client rank {rcv.source} failed outside training and aborts the "
+                           f"job: {err.summary()}")
+    return None
+
+
 # --- client side ----------------------------------------------------------------------
 @dataclass
 class ClientSlot:
@@ -305,8 +323,7 @@ class ClientLoop:
                       type(exc).__name__, exc, exc_info=True)
             try:
                 err = RemoteError.from_exception(exc, rank=self.rank, round=-1)
-                self.transport.isend(0, Tag.ERROR, err.to_message())
-                time.sleep(0.5)  # give the ERROR a moment to reach rank 0's log
+                self.transport.isend(0, Tag.ERROR, err.to_message())  # rank 0 stops on it
             finally:
                 from .transport import finalize_abort
 
@@ -648,7 +665,8 @@ class Server:
             kept = f"; {self.results_path} keeps every completed round"
         for handler in logging.getLogger().handlers:
             handler.flush()
-        print(f"alignfl-mpi: error: server failed: {kind}{reason}{kept}{where}; aborting all "
+        what = "" if isinstance(exc, RankAborted) else "server failed: "
+        print(f"alignfl-mpi: error: {what}{kind}{reason}{kept}{where}; aborting all "
               "ranks", file=sys.stderr, flush=True)
         finalize_abort(self.transport.comm, code)
 
@@ -775,6 +793,8 @@ class Server:
             rcv = self.transport.recv(timeout=max(0.0, end - time.monotonic()))
             if rcv is None:
                 break
+            if (notice := _rank_abort_notice(rcv)) is not None:
+                raise notice
             c = self._set_up_client(rcv, pending)
             if c is None:
                 continue
@@ -819,8 +839,6 @@ class Server:
             claimed = rcv.payload.client_id
             if claimed in hosted:
                 return int(claimed)
-            if rcv.tag == Tag.ERROR and claimed < 0:
-                return hosted[0]
             log.warning("rank %d: set-up message for client %d, which it does not host or "
                         "which is set up already; ignored", rcv.source, claimed)
             return None
@@ -987,6 +1005,8 @@ class Server:
                 self.progress.update(prog.client_id, done=prog.done, total=prog.total,
                                      now=time.monotonic())
             return
+        if (notice := _rank_abort_notice(rcv)) is not None:
+            raise notice
         c, forced = self._answering(rcv, rank, hosted)
         who = f"client {c} (rank {rank})"
         if c not in self.busy:
@@ -1031,8 +1051,6 @@ class Server:
         claimed = int(rcv.payload.client_id)
         if claimed in hosted:
             return claimed, None
-        if rcv.tag == Tag.ERROR and claimed < 0:  # the rank itself failed
-            return oldest, None
         what = {Tag.UPDATE: "update", Tag.ERROR: "error report"}.get(rcv.tag, "ready message")
         return oldest, f"{what} claims client {claimed}, which rank {rank} does not host"
 

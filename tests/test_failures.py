@@ -108,8 +108,10 @@ def test_client_loop_failure_aborts_job(tmp_path):
                      timeout=150)
     assert proc.returncode != 0
     assert "injected failure outside the training step; aborting the job" in proc.stderr
-    res = load(out / "results.h5")  # round 2 may be recorded (with the ERROR) before the abort
-    assert not res.finished and res.rounds in ([1], [1, 2])
+    lines = error_lines(proc.stderr)  # rank 0 stops on the ERROR that names no client
+    assert len(lines) == 1 and "client rank 2 failed outside training" in lines[0], proc.stderr
+    res = load(out / "results.h5")  # so round 2 is never recorded
+    assert not res.finished and res.rounds == [1]
 
 
 # --- item 4: message limits ----------------------------------------------------------------
