@@ -41,12 +41,19 @@ demo: data
 
 # The checks CI runs, in order: lint and import order, the import contracts (only the
 # transport imports mpi4py; see [importlinter] in setup.cfg), the types ([mypy] in
-# setup.cfg), then the tests and doctests.
+# setup.cfg), then the tests and doctests in two passes: the in-process tests on every core
+# (pytest-xdist; each is one thread), then the tests that launch ranks (`mpi`, `slurm`) one
+# at a time, since a launch already keeps every core busy. Exit status 5 (nothing selected,
+# e.g. by PYTEST_ARGS="-k name") is not a failure of either pass.
+TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/mypy alignfl_mpi
-	PATH=$(abspath $(BIN)):$$PATH $(PY) -m pytest -q $(PYTEST_ARGS)
+	PATH=$(abspath $(BIN)):$$PATH $(PY) -m pytest -q -n $(TEST_WORKERS) \
+	  -m "not mpi and not slurm" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	PATH=$(abspath $(BIN)):$$PATH $(PY) -m pytest -q -m "mpi or slurm" $(PYTEST_ARGS) \
+	  || [ $$? -eq 5 ]
 
 # The single-host test SLURM of tests/test_slurm.py (as root): apt-get install slurm-wlm munge
 # when missing, start munged, slurmctld and two slurmd; then `eval "$$(.ci/slurm.sh env)"`.

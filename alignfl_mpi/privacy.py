@@ -204,6 +204,37 @@ def _accountant_epsilon(accountant: Any, delta: float) -> float:
         return float(accountant.get_epsilon(delta=delta, **kwargs))
 
 
+@functools.lru_cache(maxsize=1024)
+def _rdp_per_step(sample_rate: float, noise_multiplier: float,
+                  alphas: tuple[float, ...]) -> np.ndarray:
+    """Renyi DP of ONE subsampled Gaussian step at every order (Opacus's ``compute_rdp``).
+
+    Opacus computes ``steps`` steps as this vector times ``steps``, so caching it per
+    ``(q, sigma)`` gives the same floats while a client's per-round reports (the same
+    ``(q, sigma)``, more steps) no longer recompute the fractional orders, the costly part
+    (about 0.1 s per ``(q, sigma)`` here).
+    """
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        vector = compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
+                             orders=list(alphas))
+    vector.setflags(write=False)
+    return vector
+
+
+def _rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+    """Opacus's ``RDPAccountant.get_epsilon`` for ``history``, on cached per-step vectors."""
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    alphas = _rdp_kwargs("rdp", [q for _, q, _ in history])["alphas"]
+    rdp = sum([_rdp_per_step(q, sigma, tuple(alphas)) * steps for sigma, q, steps in history])
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        eps, _ = get_privacy_spent(orders=alphas, rdp=rdp, delta=delta)
+    return float(eps)
+
+
 def epsilon_spent(history: list[list[float]] | list[tuple[float, float, int]], *,
                   delta: float, accountant: str) -> float:
     """Epsilon of a composed history of subsampled Gaussian mechanisms.
@@ -221,8 +252,11 @@ def epsilon_spent(history: list[list[float]] | list[tuple[float, float, int]], *
     """
     if not history:
         return 0.0
+    steps = [(float(s), float(q), int(n)) for s, q, n in history]
+    if accountant == "rdp":
+        return _rdp_epsilon(steps, delta)
     acc = _create_accountant(accountant)
-    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    acc.history = steps
     return _accountant_epsilon(acc, delta)
 
 

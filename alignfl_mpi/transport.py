@@ -92,6 +92,20 @@ class Received:
         return self.error is None
 
 
+#: Sleep between polls while waiting for a message, a send or the other ranks. MPICH's
+#: blocking calls (``MPI_Wait``, ``MPI_Barrier``, the collectives) spin a core until they
+#: complete; with more ranks than cores (a workstation, many client ranks per node) a
+#: waiting rank then takes CPU from the ranks it waits for. Every wait here polls instead.
+POLL_INTERVAL_S = 0.005
+
+
+def _gentle_barrier(comm: MPI.Comm, poll_interval: float = POLL_INTERVAL_S) -> None:
+    """A barrier that sleeps between polls (``Ibarrier`` and ``Test``) instead of spinning."""
+    request = comm.Ibarrier()
+    while not request.Test():
+        time.sleep(poll_interval)
+
+
 class PendingSend:
     """A non-blocking send in flight; keeps the encoded buffer alive until it completes."""
 
@@ -109,11 +123,14 @@ class PendingSend:
             self._buffer = None
         return self._buffer is None
 
-    def wait(self) -> int:
-        """Block until the send has completed; return the number of bytes sent."""
-        if self._buffer is not None:
-            self._request.Wait()
-            self._buffer = None
+    def wait(self, poll_interval: float = POLL_INTERVAL_S) -> int:
+        """Wait until the send has completed; return the number of bytes sent.
+
+        Polls with ``Test`` and a short sleep instead of ``MPI_Wait``, which spins a core
+        (see :data:`POLL_INTERVAL_S`).
+        """
+        while not self.test():
+            time.sleep(poll_interval)
         return self.nbytes
 
 
@@ -222,7 +239,7 @@ class Transport:
         source: int = ANY_SOURCE,
         tag: int | None = None,
         timeout: float | None = None,
-        poll_interval: float = 0.005,
+        poll_interval: float = POLL_INTERVAL_S,
     ) -> Received | None:
         """Take the next matching message off the queue.
 
@@ -330,7 +347,12 @@ def world_info(comm: MPI.Comm) -> tuple[int, int]:
 
 
 def node_local(comm: MPI.Comm) -> tuple[int, int]:
-    """Return ``(rank, size)`` among the ranks of ``comm`` on this node (collective call)."""
+    """Return ``(rank, size)`` among the ranks of ``comm`` on this node (collective call).
+
+    The ranks first meet in a polling barrier, so that those done importing early do not
+    spin in ``Split_type`` while the others still import.
+    """
+    _gentle_barrier(comm)
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
     try:
         return local.Get_rank(), local.Get_size()

@@ -88,7 +88,10 @@ def real_root(tmp_path_factory) -> Path:
 # --- markers: `pytest -m "not mpi and not slow"` is the fast inner loop -------------------
 collect_ignore_glob = ["mpi/*.py", "slurm/*"]  # launched by the tests, never imported
 
-_LAUNCHES = ("run_cli(", "run_mpi(", "launch(", "rogue_cmd(", "_run_group(", "sbatch")
+_LAUNCHES = ("run_cli(", "run_mpi(", "launch(", "rogue_cmd(", "_run_group(", "sbatch",
+             '"sweep"')
+# fixtures that launch ranks: a test using one is ``mpi`` too
+_LAUNCHING_FIXTURES = {"resume_scenario", "two_rounds", "runs"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -100,8 +103,11 @@ def pytest_collection_modifyitems(config, items):
     import inspect
 
     for item in items:
-        if "real_root" in getattr(item, "fixturenames", ()):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if "real_root" in fixtures:
             item.add_marker(pytest.mark.real_data)
+        if fixtures & _LAUNCHING_FIXTURES:
+            item.add_marker(pytest.mark.mpi)
         function = getattr(item, "function", None)
         if function is None:
             continue
@@ -154,7 +160,7 @@ def resume_scenario(tmp_path_factory):
 
     def launch(name, *extra):
         try:
-            proc = run_cli(3, "run", "--config", str(cfg), "--set",
+            proc = run_cli(2, "run", "--config", str(cfg), "--set",
                            f'client.private_dir="{private}"', *extra, timeout=240)
         except subprocess.TimeoutExpired as exc:
             pytest.fail(f"resume scenario, step {name}: mpiexec hung\n{exc.output}\n{exc.stderr}")

@@ -93,7 +93,8 @@ def test_dp_and_lipschitz_runs_record_privacy(real_root, tmp_path, setting):
     flags = (["--set", "client.privacy.mode=full", "--set", "client.privacy.epsilon=5"]
              if setting == "dp" else ["--set", "client.lipschitz.weight=1.0"])
     try:
-        proc = run_cli(6, "run", "--config", str(cfg), "--data-root", str(real_root),
+        # 5 clients on 2 client ranks: the one-client-per-rank layout (-n 6) is the test above
+        proc = run_cli(3, "run", "--config", str(cfg), "--data-root", str(real_root),
                        "--output", str(out), "--set", "server.quality_metrics=false", *flags,
                        timeout=300)
     except subprocess.TimeoutExpired as exc:

@@ -70,7 +70,7 @@ def error_lines(stderr: str) -> list[str]:
 @pytest.mark.parametrize("fault", ["checkpoint", "handle"])
 def test_server_failure_aborts_job_and_keeps_results(tmp_path, fault):
     cfg, out = fast_config(tmp_path, n_clients=2, rounds=4, output="png = false")
-    proc, _ = launch([*mpiexec(), "-n", "3", sys.executable,
+    proc, _ = launch([*mpiexec(), "-n", "2", sys.executable,
                       str(MPI_SCRIPTS / "server_faults.py"), str(cfg), fault], timeout=150)
     assert proc.returncode != 0
     lines = error_lines(proc.stderr)
@@ -92,7 +92,7 @@ def test_checkpoints_path_is_a_file_is_one_line(tmp_path):
     cfg, out = fast_config(tmp_path, n_clients=2, rounds=2, output="png = false")
     out.mkdir()
     (out / "checkpoints").write_text("not a folder")
-    proc, _ = launch([*mpiexec(), "-n", "3", *program(), "run", "--config", str(cfg)],
+    proc, _ = launch([*mpiexec(), "-n", "2", *program(), "run", "--config", str(cfg)],
                      timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert error_lines(proc.stderr) == [
@@ -173,7 +173,7 @@ def test_bad_values_refused_up_front(tmp_path, case):
         lock.acquire()
         args += ["--resume"]
     try:
-        proc, _ = launch([*mpiexec(), "-n", "3", *program(), *args], timeout=120)
+        proc, _ = launch([*mpiexec(), "-n", "2", *program(), *args], timeout=120)
     finally:
         if lock is not None:
             lock.release()
@@ -215,15 +215,24 @@ def rogue_cmd(cfg: Path, mode: str, marker: Path) -> list[str]:
             str(MPI_SCRIPTS / "rogue.py"), str(cfg), mode, str(marker), ":", "-n", "1", *run]
 
 
-@pytest.mark.slow
-def test_rogue_rank_is_rejected_and_others_finish(tmp_path):
+@pytest.fixture(scope="module")
+def hostile_run(tmp_path_factory):
+    """One launch for the two tests below: rank 2 answers each round with one class of the
+    hostile catalogue, then with all of it at once, and floods rank 0 in the last round."""
+    tmp_path = tmp_path_factory.mktemp("hostile")
     rounds = len(ROGUE_REASONS) + 2  # one round per class as the answer, then all at once
     cfg, out = fast_config(tmp_path, n_clients=3, rounds=rounds,
-                           server="max_message_mb = 1\nstop_timeout_s = 20")
+                           server="max_message_mb = 1\nstop_timeout_s = 60")
     marker = tmp_path / "pickle-ran"
-    proc, _ = launch(rogue_cmd(cfg, "polite", marker), timeout=400)
+    proc, _ = launch(rogue_cmd(cfg, "flood", marker), timeout=400)
+    return {"proc": proc, "out": out, "rounds": rounds, "marker": marker}
+
+
+@pytest.mark.mpi
+def test_rogue_rank_is_rejected_and_others_finish(hostile_run):
+    proc, out, rounds = hostile_run["proc"], hostile_run["out"], hostile_run["rounds"]
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert not marker.exists(), "a pickle payload was executed"
+    assert not hostile_run["marker"].exists(), "a pickle payload was executed"
     res = load(out / "results.h5")
     assert res.finished and res.rounds == list(range(1, rounds + 1))
     for c in (0, 2):
@@ -242,12 +251,11 @@ def test_rogue_rank_is_rejected_and_others_finish(tmp_path):
     assert any("unsolicited UPDATE message" in line for line in rejected)
 
 
-def test_flooding_rank_cannot_keep_the_job_alive(tmp_path):
-    cfg, out = fast_config(tmp_path, n_clients=3, rounds=2,
-                           server="max_message_mb = 1\nstop_timeout_s = 60")
-    proc, _ = launch(rogue_cmd(cfg, "flood", tmp_path / "m"), timeout=300)
+@pytest.mark.mpi
+def test_flooding_rank_cannot_keep_the_job_alive(hostile_run):
+    proc = hostile_run["proc"]
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert load(out / "results.h5").finished
+    assert load(hostile_run["out"] / "results.h5").finished
     assert "message(s) after STOP dropped" in proc.stderr
 
 

@@ -147,7 +147,7 @@ def two_rounds(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fedadam")
     part = tiny_partition(folder / "p.h5", n_clients=2)
     cfg = write_config(folder / "full.toml", part, folder / "full", n_clients=2, rounds=2)
-    proc = launch(3, "run", "--config", str(cfg), *SETS, timeout=240)
+    proc = launch(2, "run", "--config", str(cfg), *SETS, timeout=240)
     assert proc.returncode == 0, proc.stderr
     return folder
 
@@ -173,8 +173,8 @@ def test_fedadam_resume_is_bit_for_bit_under_mpiexec(two_rounds):
 
     short = write_config(two_rounds / "short.toml", two_rounds / "p.h5", two_rounds / "short",
                          n_clients=2, rounds=1)
-    assert launch(3, "run", "--config", str(short), *SETS, timeout=240).returncode == 0
-    proc = launch(3, "run", "--config", str(short), *SETS, "--resume", "--rounds", "2",
+    assert launch(2, "run", "--config", str(short), *SETS, timeout=240).returncode == 0
+    proc = launch(2, "run", "--config", str(short), *SETS, "--resume", "--rounds", "2",
                   timeout=240)
     assert proc.returncode == 0, proc.stderr
     assert "resuming after round 1" in proc.stderr

@@ -182,7 +182,7 @@ def test_moon_runs_under_mpiexec(tmp_path):
 
     part = tiny_partition(tmp_path / "p.h5", n_clients=2)
     cfg = write_config(tmp_path / "c.toml", part, tmp_path / "run", n_clients=2, rounds=2)
-    proc = launch(3, "run", "--config", str(cfg), "--set", 'strategy="moon"', timeout=240)
+    proc = launch(2, "run", "--config", str(cfg), "--set", 'strategy="moon"', timeout=240)
     assert proc.returncode == 0, proc.stderr
     res = load(tmp_path / "run" / "results.h5")
     assert res.finished and res.config["strategy"] == "moon"

@@ -173,6 +173,27 @@ def test_prv_cross_check_is_reported_and_not_above_rdp(images) -> None:
     assert metrics["epsilon"] <= metrics["epsilon_sgd"] + metrics["epsilon_prior"]
 
 
+@pytest.mark.parametrize("history", [
+    [[1.1, 0.5, 40]], [[0.8, 0.01, 3000]], [[2.0, 1.0, 5]],
+    [[1.3, 0.05, 200], [20.0, 1.0, 15]], [[0.9, 0.1, 10], [0.9, 0.1, 30], [5.0, 1.0, 2]]])
+def test_cached_rdp_epsilon_equals_opacus_accountant_exactly(history) -> None:
+    """The RDP epsilon on cached per-step vectors is Opacus's RDPAccountant's, to the bit,
+    also when the cache already holds the vectors (a second call, more steps)."""
+    from opacus.accountants import RDPAccountant
+
+    from alignfl_mpi.privacy import RDP_ALPHAS, RDP_ALPHAS_FULL_BATCH
+
+    for scale in (1, 3):  # the second pass reuses the cached vectors
+        steps = [(float(s), float(q), int(n) * scale) for s, q, n in history]
+        acc = RDPAccountant()
+        acc.history = list(steps)
+        alphas = RDP_ALPHAS_FULL_BATCH if max(q for _, q, _ in steps) >= 1 else RDP_ALPHAS
+        with np.errstate(divide="ignore", invalid="ignore"):
+            expected = acc.get_epsilon(delta=1e-5, alphas=alphas)
+        assert epsilon_spent([list(h) for h in steps], delta=1e-5, accountant="rdp") \
+            == expected
+
+
 def test_prv_calibration_reaches_target() -> None:
     sigma = calibrate_noise(epsilon=2.0, delta=1e-6, sample_rate=1.0, steps=10,
                             accountant="prv")

@@ -48,7 +48,7 @@ def test_dp_secret_never_lands_in_the_run_folder(tmp_path):
     cfg.write_text(cfg.read_text().replace("checkpoint = false", ""))
     private = tmp_path / "private"
     try:
-        proc = run_cli(3, "run", "--config", str(cfg), "--set", "client.privacy.mode=\"full\"",
+        proc = run_cli(2, "run", "--config", str(cfg), "--set", "client.privacy.mode=\"full\"",
                        "--set", "client.privacy.epsilon=5", "--set",
                        f'client.private_dir="{private}"', timeout=240)
     except subprocess.TimeoutExpired as exc:
