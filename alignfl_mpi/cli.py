@@ -25,7 +25,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from . import __version__
 from .errors import AlignFLError
@@ -96,7 +96,7 @@ def _cmd_partition(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from .runtime import main_run
 
-    return main_run(args)
+    return main_run(args, comm=getattr(args, "comm", None))
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -311,9 +311,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: parse, dispatch, and turn user errors into one line and exit 2."""
+def main(argv: Sequence[str] | None = None, *, comm: Any = None) -> int:
+    """Entry point: parse, dispatch, and turn user errors into one line and exit 2.
+
+    ``comm``: the communicator ``run`` uses (``COMM_WORLD`` when None).
+    """
     args = _parse(argv)
+    args.comm = comm
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

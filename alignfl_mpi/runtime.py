@@ -214,13 +214,19 @@ def _clean_text(text: str, limit: int = 2000) -> str:
 
 
 # --- entry point ----------------------------------------------------------------------
-def main_run(args: Any) -> int:
-    """``alignfl-mpi run``: rank 0 runs the server, ranks 1..N the clients."""
+def main_run(args: Any, comm: Any = None) -> int:
+    """``alignfl-mpi run``: rank 0 runs the server, ranks 1..N the clients.
+
+    ``comm`` is the communicator of the run (``COMM_WORLD`` when None); every rank of it
+    takes part. One set of processes may run several runs one after another, each on its
+    own communicator (the tests do, to import torch once for several runs).
+    """
     # the one deferred import: importing mpi4py initialises MPI, which only a launched
     # run may do (the loops above are tested without MPI, over a fake transport)
     from .transport import Transport, comm_world, node_local
 
-    comm = comm_world()
+    if comm is None:
+        comm = comm_world()
     rank, size = comm.Get_rank(), comm.Get_size()
     local_rank, local_size = node_local(comm)
     setup_logging(rank, quiet=args.quiet, verbose=args.verbose)
@@ -639,6 +645,8 @@ class Server:
             self._fail(*_exc_info())
         except BaseException:
             self._fail(*_exc_info())
+        finally:
+            self.lock.release()  # the process may go on to another run (an abort never returns)
         return 0
 
     def _fail(self, exc: BaseException, tb_text: str) -> None:

@@ -89,9 +89,9 @@ def real_root(tmp_path_factory) -> Path:
 collect_ignore_glob = ["mpi/*.py", "slurm/*"]  # launched by the tests, never imported
 
 _LAUNCHES = ("run_cli(", "run_mpi(", "launch(", "rogue_cmd(", "_run_group(", "sbatch",
-             '"sweep"')
+             '"sweep"', "run_sequence(")
 # fixtures that launch ranks: a test using one is ``mpi`` too
-_LAUNCHING_FIXTURES = {"resume_scenario", "two_rounds", "runs"}
+_LAUNCHING_FIXTURES = {"resume_scenario", "two_rounds", "runs", "small_runs"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -119,14 +119,75 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.mpi)
 
 
+# --- the small 2-rank runs of several test files, in one launch -----------------------------
+@pytest.fixture(scope="session")
+def small_runs(tmp_path_factory):
+    """Tiny 2-client runs on 2 ranks in ONE launch (``tests/mpi/sequence.py``): each would
+    otherwise be a launch of its own, whose cost is mostly importing torch on every rank.
+    Returns, per name, the run's result (``returncode``, ``stderr``) and its run folder.
+
+    - ``bad_partition``: a 2-client partition for a 3-client config (test_mpi_runtime.py);
+    - ``fedavg``, ``fedavg_mixed`` (one conv client: refused), ``conditional``
+      (test_mpi_runtime.py); ``moon`` (test_moon.py);
+    - ``dp_fedprox``, ``dp_align-fl`` (DP, the DP prior and lambda_lip 0.5)
+      (test_dp_baselines.py);
+    - ``dp_private``: DP with checkpoints and ``client.private_dir`` (test_private_dir.py).
+    """
+    import subprocess
+
+    from mpi_helpers import find_mpiexec, run_sequence
+    from test_failures import fast_config
+    from test_mpi_runtime import tiny_partition, write_config
+
+    if find_mpiexec() is None:
+        pytest.skip("no mpiexec available")
+    root = tmp_path_factory.mktemp("small-runs")
+    part = tiny_partition(root / "p.h5", n_clients=2)
+    steps, folders = [], {}
+
+    def add(name, *sets, n_clients=2, after=""):
+        folders[name] = root / name
+        cfg = write_config(root / f"{name}.toml", part, root / name, n_clients=n_clients,
+                           rounds=2)
+        if after:
+            cfg.write_text(cfg.read_text() + after)
+        steps.append({"name": name, "argv": ["run", "--config", str(cfg),
+                                             *[a for s in sets for a in ("--set", s)]]})
+
+    add("bad_partition", n_clients=3)
+    add("fedavg", 'strategy="fedavg"')
+    add("fedavg_mixed", 'strategy="fedavg"',
+        after='\n[[clients]]\nmodel = {arch = "conv"}\n[[clients]]\n')
+    add("conditional", "client.model.conditional=true", "server.classifier_epochs=1")
+    add("moon", 'strategy="moon"')
+    dp = ['client.privacy.mode="full"', "client.privacy.epsilon=3.0"]
+    add("dp_fedprox", 'strategy="fedprox"', *dp, 'client.privacy.prior="standard"')
+    add("dp_align-fl", 'strategy="align-fl"', *dp, 'client.privacy.prior="dp"',
+        "client.lipschitz.weight=0.5")
+    (root / "dp_private").mkdir()
+    cfg, out = fast_config(root / "dp_private", n_clients=2, rounds=2, output="png = false")
+    cfg.write_text(cfg.read_text().replace("checkpoint = false", ""))
+    folders["dp_private"] = out
+    steps.append({"name": "dp_private", "argv": [
+        "run", "--config", str(cfg), "--set", 'client.privacy.mode="full"', "--set",
+        "client.privacy.epsilon=5", "--set",
+        f'client.private_dir="{root / "dp_private" / "private"}"']})
+    try:
+        procs, _ = run_sequence(2, steps, root / "steps", timeout=400)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"small runs: mpiexec hung\n{exc.output}\n{exc.stderr}")
+    return {name: (procs[name], folders[name]) for name in folders}
+
+
 # --- one resume scenario under mpiexec, asserted on by two tests ----------------------------
 @pytest.fixture(scope="session")
 def resume_scenario(tmp_path_factory):
     """One run folder taken through a run, a fresh start, two resumes and three refusals.
 
-    Seven launches of ``mpiexec -n 3 alignfl-mpi run`` (2 clients, the MPI tests' tiny config,
-    ``client.private_dir`` set), each with a timeout, serve two tests that used to launch
-    nine: ``test_mpi_runtime.py::test_resume_equals_uninterrupted`` and
+    Seven runs of ``alignfl-mpi run`` (2 clients on one client rank, the MPI tests' tiny
+    config, ``client.private_dir`` set) in ONE launch of 2 ranks (``tests/mpi/sequence.py``,
+    with a timeout), serving two tests:
+    ``test_mpi_runtime.py::test_resume_equals_uninterrupted`` and
     ``test_private_dir.py::test_fresh_run_drops_stale_private_checkpoints_and_resume_needs_them``.
 
     1. ``full``: 3 rounds uninterrupted; its results file is kept aside as the reference; then
@@ -139,12 +200,11 @@ def resume_scenario(tmp_path_factory):
     5. ``changed``: ``--resume`` with another ``server.epochs``: refused, nothing lost.
     6. ``exists``: a new run (no ``--resume``) into the folder: refused, nothing lost.
     7. ``no_ckpt``: client 1's private checkpoints deleted, ``--resume --rounds 4``: the job
-       must end with client 1's error and record nothing.
+       must end with client 1's error and record nothing (it aborts the launch: last).
     """
-    import shutil
     import subprocess
 
-    from mpi_helpers import find_mpiexec, run_cli
+    from mpi_helpers import find_mpiexec, run_sequence
     from test_mpi_runtime import tiny_partition, write_config
 
     from alignfl_mpi.private import client_private_dir
@@ -155,42 +215,49 @@ def resume_scenario(tmp_path_factory):
     out, private = tmp / "run", tmp / "private"
     part = tiny_partition(tmp / "p.h5", n_clients=2)
     cfg = write_config(tmp / "c.toml", part, out, n_clients=2, rounds=3)
-    results = out / "results.h5"
-    s = {"out": out, "private": private, "procs": {}}
+    results = str(out / "results.h5")
+    client0, client1 = (str(client_private_dir(str(private), str(out), c)) for c in (0, 1))
 
-    def launch(name, *extra):
-        try:
-            proc = run_cli(2, "run", "--config", str(cfg), "--set",
-                           f'client.private_dir="{private}"', *extra, timeout=240)
-        except subprocess.TimeoutExpired as exc:
-            pytest.fail(f"resume scenario, step {name}: mpiexec hung\n{exc.output}\n{exc.stderr}")
-        s["procs"][name] = proc
-        return proc
+    def step(name, *extra, before=()):
+        return {"name": name, "before": list(before),
+                "argv": ["run", "--config", str(cfg), "--set",
+                         f'client.private_dir="{private}"', *extra]}
 
-    def ckpts(client):
-        return sorted(p.name for p in client_private_dir(str(private), str(out), client)
-                      .glob("*.ckpt"))
+    def keep(name):  # a copy of the results file as it is now (none when there is none)
+        return ["copy", results, str(tmp / f"{name}.h5")]
 
-    def keep(name):  # a copy of the results file as it is now (None when there is none)
-        if not results.exists():
-            return None
-        return shutil.copy(results, tmp / f"{name}.h5")
+    steps = [
+        step("full"),
+        # the run folder is gone; the private ones are not
+        step("fresh", "--rounds", "1", before=[keep("full"), ["rmtree", str(out)]]),
+        step("resume2", "--resume", "--rounds", "2",
+             before=[["list", client0, "*.ckpt", str(tmp / "ckpts_after_fresh.json")]]),
+        step("resume3", "--resume", "--rounds", "3", before=[keep("after_resume2")]),
+        step("changed", "--resume", "--set", "server.epochs=3", before=[keep("resumed")]),
+        step("exists", before=[keep("after_changed")]),
+        step("no_ckpt", "--resume", "--rounds", "4",
+             before=[keep("after_exists"), ["unlink", client1, "*.ckpt"]]),
+    ]
+    try:
+        procs, _ = run_sequence(2, steps, tmp / "steps", timeout=400)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"resume scenario: mpiexec hung\n{exc.output}\n{exc.stderr}")
 
-    launch("full")
-    s["full"] = keep("full")
-    shutil.rmtree(out, ignore_errors=True)  # the run folder is gone; the private ones are not
-    launch("fresh", "--rounds", "1")
-    s["ckpts_after_fresh"] = ckpts(0)
-    launch("resume2", "--resume", "--rounds", "2")
-    s["after_resume2"] = keep("after_resume2")
-    launch("resume3", "--resume", "--rounds", "3")
-    s["resumed"] = keep("resumed")
-    for name, extra in (("changed", ["--resume", "--set", "server.epochs=3"]), ("exists", [])):
-        before = results.read_bytes() if results.exists() else b""
-        launch(name, *extra)
-        s[f"unchanged_by_{name}"] = results.exists() and results.read_bytes() == before
-    for ckpt in client_private_dir(str(private), str(out), 1).glob("*.ckpt"):
-        ckpt.unlink()
-    launch("no_ckpt", "--resume", "--rounds", "4")
-    s["after_no_ckpt"] = keep("after_no_ckpt")
-    return s
+    def kept(name):
+        path = tmp / f"{name}.h5"
+        return path if path.exists() else None
+
+    def same(a, b):
+        return kept(a) is not None and kept(b) is not None \
+            and kept(a).read_bytes() == kept(b).read_bytes()
+
+    import json
+    import shutil
+
+    shutil.copy(results, tmp / "after_no_ckpt.h5")
+    return {"out": out, "private": private, "procs": procs, "full": kept("full"),
+            "ckpts_after_fresh": json.loads((tmp / "ckpts_after_fresh.json").read_text()),
+            "after_resume2": kept("after_resume2"), "resumed": kept("resumed"),
+            "unchanged_by_changed": same("resumed", "after_changed"),
+            "unchanged_by_exists": same("after_changed", "after_exists"),
+            "after_no_ckpt": kept("after_no_ckpt")}

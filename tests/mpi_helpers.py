@@ -8,12 +8,15 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MPI_SCRIPTS = Path(__file__).resolve().parent / "mpi"
@@ -91,6 +94,45 @@ def run_mpi(
         *args,
     ]
     return _run_group(cmd, timeout=timeout, env=env)
+
+
+@dataclass
+class StepResult:
+    """One step of :func:`run_sequence`, read like a finished process."""
+
+    returncode: int | None
+    stderr: str
+
+
+def run_sequence(n: int, steps: list[dict[str, Any]], folder: Path, *,
+                 timeout: float = 300) -> tuple[dict[str, StepResult],
+                                                subprocess.CompletedProcess[str]]:
+    """Run several ``alignfl-mpi`` invocations in one launch of ``n`` ranks.
+
+    ``steps`` are ``{"name", "argv", "before"}`` dicts (see ``tests/mpi/sequence.py``).
+    Returns each step's exit status (rank 0's; the launch's own status for a step that did
+    not finish, e.g. one that aborted the job) and the output of all ranks (rank 0 first),
+    and the launch itself.
+
+    Raises:
+        subprocess.TimeoutExpired: The launch hung.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    plan = folder / "plan.json"
+    plan.write_text(json.dumps({"out": str(folder), "steps": steps}))
+    proc = run_mpi(MPI_SCRIPTS / "sequence.py", n, str(plan), timeout=timeout)
+    results = {}
+    for step in steps:
+        name = step["name"]
+        logs = sorted(folder.glob(f"{name}.rank*.log"),
+                      key=lambda p: int(p.name.rsplit(".rank", 1)[1].split(".")[0]))
+        text = "".join(log.read_text(encoding="utf-8", errors="replace") for log in logs)
+        rc = folder / f"{name}.rank0.rc"
+        if rc.exists():
+            results[name] = StepResult(int(rc.read_text()), text)
+        else:  # the launch ended in or before this step
+            results[name] = StepResult(proc.returncode, text + proc.stderr)
+    return results, proc
 
 
 def run_cli(n: int, *args: str, timeout: float = 180,

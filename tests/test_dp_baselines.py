@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import math
-import subprocess
 
 import numpy as np
 import pytest
@@ -135,31 +134,18 @@ def test_dp_averaging_with_lipschitz_penalty(images) -> None:
 
 @pytest.mark.skipif(find_mpiexec() is None, reason="no mpiexec available")
 @pytest.mark.parametrize("strategy", ["fedprox", "align-fl"])
-def test_dp_baseline_records_epsilon_under_mpiexec(tmp_path, strategy) -> None:
+def test_dp_baseline_records_epsilon_under_mpiexec(small_runs, strategy) -> None:
     """DP-FedProx (a FedAvg subclass: DP-FedAvg's launch would repeat it; its client round is
-    unit-tested above); and ALIGN-FL with DP, the DP prior and lambda_lip > 0.
+    unit-tested above); and ALIGN-FL with DP, the DP prior and lambda_lip > 0 (runs of the
+    ``small_runs`` launch, conftest.py).
 
-    The FedProx launch is also test_mpi_runtime.py's FedProx baseline run: the whole VAE
-    travels, both decoders are kept, the global model is evaluated."""
-    from test_mpi_runtime import launch, tiny_partition, write_config
-
+    The FedProx run is also the FedProx baseline under mpiexec: the whole VAE travels, both
+    decoders are kept, the global model is evaluated."""
     from alignfl_mpi.results import load
 
-    part = tiny_partition(tmp_path / "p.h5", n_clients=2)
-    cfg = write_config(tmp_path / "c.toml", part, tmp_path / "run", n_clients=2, rounds=2)
-    sets = [f'strategy="{strategy}"', 'client.privacy.mode="full"',
-            "client.privacy.epsilon=3.0"]
-    if strategy == "align-fl":
-        sets += ['client.privacy.prior="dp"', "client.lipschitz.weight=0.5"]
-    else:
-        sets.append('client.privacy.prior="standard"')
-    try:
-        proc = launch(2, "run", "--config", str(cfg), *[a for s in sets for a in ("--set", s)],
-                      timeout=240)
-    except subprocess.TimeoutExpired as exc:  # launch() already fails on a hang
-        pytest.fail(str(exc))
+    proc, folder = small_runs[f"dp_{strategy}"]
     assert proc.returncode == 0, proc.stderr
-    res = load(tmp_path / "run" / "results.h5")
+    res = load(folder / "results.h5")
     assert res.finished
     if strategy != "align-fl":
         assert res.config["strategy"] == strategy

@@ -85,20 +85,34 @@ def test_cli_run_on_real_mnist(real_root, tmp_path):
         assert (out / "png" / f"clients_r{r:04d}.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("setting", ["dp", "lipschitz"])
-def test_dp_and_lipschitz_runs_record_privacy(real_root, tmp_path, setting):
-    cfg = tmp_path / "tiny.toml"
+@pytest.fixture(scope="module")
+def private_runs(real_root, tmp_path_factory):
+    """The DP run and the Lipschitz run, one after the other in ONE launch of 3 ranks
+    (tests/mpi/sequence.py; 5 clients on 2 client ranks: the one-client-per-rank layout,
+    -n 6, is the test above)."""
+    from mpi_helpers import run_sequence
+
+    tmp = tmp_path_factory.mktemp("e2e-private")
+    cfg = tmp / "tiny.toml"
     cfg.write_text(CONFIG)
-    out = tmp_path / setting
-    flags = (["--set", "client.privacy.mode=full", "--set", "client.privacy.epsilon=5"]
-             if setting == "dp" else ["--set", "client.lipschitz.weight=1.0"])
+    flags = {"dp": ["--set", "client.privacy.mode=full", "--set", "client.privacy.epsilon=5"],
+             "lipschitz": ["--set", "client.lipschitz.weight=1.0"]}
+    steps = [{"name": name, "argv": [
+        "run", "--config", str(cfg), "--data-root", str(real_root), "--output",
+        str(tmp / name), "--set", "server.quality_metrics=false", *extra]}
+        for name, extra in flags.items()]
     try:
-        # 5 clients on 2 client ranks: the one-client-per-rank layout (-n 6) is the test above
-        proc = run_cli(3, "run", "--config", str(cfg), "--data-root", str(real_root),
-                       "--output", str(out), "--set", "server.quality_metrics=false", *flags,
-                       timeout=300)
+        procs, _ = run_sequence(3, steps, tmp / "steps", timeout=400)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"run hung\n{exc.output}\n{exc.stderr}")
+    return tmp, procs
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("setting", ["dp", "lipschitz"])
+def test_dp_and_lipschitz_runs_record_privacy(private_runs, setting):
+    tmp, procs = private_runs
+    proc, out = procs[setting], tmp / setting
     assert proc.returncode == 0, proc.stderr
     res = load(out / "results.h5")
     assert res.finished

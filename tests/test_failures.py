@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mpi_helpers import MPI_SCRIPTS, _run_group, find_mpiexec, mpiexec_flags
+from mpi_helpers import MPI_SCRIPTS, _run_group, find_mpiexec, mpiexec_flags, run_sequence
 from test_mpi_runtime import tiny_partition, write_config
 
 from alignfl_mpi.results import load
@@ -88,12 +88,9 @@ def test_server_failure_aborts_job_and_keeps_results(tmp_path, fault):
         assert res.rounds == [1]
 
 
-def test_checkpoints_path_is_a_file_is_one_line(tmp_path):
-    cfg, out = fast_config(tmp_path, n_clients=2, rounds=2, output="png = false")
-    out.mkdir()
-    (out / "checkpoints").write_text("not a folder")
-    proc, _ = launch([*mpiexec(), "-n", "2", *program(), "run", "--config", str(cfg)],
-                     timeout=120)
+@pytest.mark.mpi
+def test_checkpoints_path_is_a_file_is_one_line(refusals):
+    proc, out = refusals["checkpoints_file"]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert error_lines(proc.stderr) == [
         f"alignfl-mpi: error: output path {out / 'checkpoints'} exists but is not a folder; "
@@ -128,55 +125,77 @@ def test_client_send_failure_becomes_error_message(tmp_path):
 
 
 # --- item 7 (and 4, 6): bad values are one line before any work -----------------------------
-@pytest.mark.parametrize("case", ["start_timeout", "final_drain", "stop_timeout", "message_mb",
-                                  "output_under_file", "empty_client", "locked"])
-def test_bad_values_refused_up_front(tmp_path, case):
-    cfg, out = fast_config(tmp_path, n_clients=2, rounds=2)
-    args = ["run", "--config", str(cfg)]
-    expect = {
-        "start_timeout": "config key 'server.start_timeout_s' must be > 0, got -1.0",
-        "final_drain": "config key 'server.final_drain_s' must be >= 0, got -1.0",
-        "stop_timeout": "config key 'server.stop_timeout_s' must be > 0, got 0.0",
-        "message_mb": "server.max_message_mb = 0.01 is smaller than client 0's decoder update",
-        "output_under_file": f"is under the file {tmp_path / 'file'}; choose another",
-        "empty_client": "client(s) [1] have no training samples; re-partition",
-        "locked": "is in use by host ",
-    }[case]
-    lock = None
-    if case == "start_timeout":
-        args += ["--set", "server.start_timeout_s=-1"]
-    elif case == "final_drain":
-        args += ["--set", "server.final_drain_s=-1"]
-    elif case == "stop_timeout":
-        args += ["--set", "server.stop_timeout_s=0"]
-    elif case == "message_mb":
-        args += ["--set", "server.max_message_mb=0.01"]
-    elif case == "output_under_file":
-        (tmp_path / "file").write_text("x")
-        args += ["--output", str(tmp_path / "file" / "run")]
-    elif case == "empty_client":
-        import h5py
+REFUSALS = {
+    "start_timeout": "config key 'server.start_timeout_s' must be > 0, got -1.0",
+    "final_drain": "config key 'server.final_drain_s' must be >= 0, got -1.0",
+    "stop_timeout": "config key 'server.stop_timeout_s' must be > 0, got 0.0",
+    "message_mb": "server.max_message_mb = 0.01 is smaller than client 0's decoder update",
+    "output_under_file": "is under the file {tmp}/file; choose another",
+    "empty_client": "client(s) [1] have no training samples; re-partition",
+    "locked": "is in use by host ",
+}
 
-        from alignfl_mpi.schema import read_client
 
-        part = tmp_path / "p.h5"
-        with h5py.File(part, "a") as f:
-            for name in ("images", "labels", "outlier", "source_index"):
-                ds = f[f"clients/1/{name}"]
-                data = ds[()][:0]
-                del f[f"clients/1/{name}"]
-                f[f"clients/1/{name}"] = data
-        assert len(read_client(part, 1).labels) == 0
-    elif case == "locked":
-        out.mkdir(parents=True)
-        lock = RunLock(out)
-        lock.acquire()
-        args += ["--resume"]
+@pytest.fixture(scope="module")
+def refusals(tmp_path_factory):
+    """Each bad value of REFUSALS (and a checkpoints path that is a file) refused by one run;
+    all of them in ONE launch of 2 ranks (tests/mpi/sequence.py). Returns, per case, the
+    run's result and its run folder."""
+    import h5py
+
+    from alignfl_mpi.schema import read_client
+
+    root = tmp_path_factory.mktemp("refusals")
+    steps, outs, lock = [], {}, None
+    for case in [*REFUSALS, "checkpoints_file"]:
+        tmp = root / case
+        tmp.mkdir()
+        cfg, out = fast_config(tmp, n_clients=2, rounds=2)
+        outs[case] = out
+        args = ["run", "--config", str(cfg)]
+        if case == "start_timeout":
+            args += ["--set", "server.start_timeout_s=-1"]
+        elif case == "final_drain":
+            args += ["--set", "server.final_drain_s=-1"]
+        elif case == "stop_timeout":
+            args += ["--set", "server.stop_timeout_s=0"]
+        elif case == "message_mb":
+            args += ["--set", "server.max_message_mb=0.01"]
+        elif case == "output_under_file":
+            (tmp / "file").write_text("x")
+            args += ["--output", str(tmp / "file" / "run")]
+        elif case == "empty_client":
+            part = tmp / "p.h5"
+            with h5py.File(part, "a") as f:
+                for name in ("images", "labels", "outlier", "source_index"):
+                    data = f[f"clients/1/{name}"][()][:0]
+                    del f[f"clients/1/{name}"]
+                    f[f"clients/1/{name}"] = data
+            assert len(read_client(part, 1).labels) == 0
+        elif case == "locked":  # held by this process for the whole launch
+            out.mkdir(parents=True)
+            lock = RunLock(out)
+            lock.acquire()
+            args += ["--resume"]
+        elif case == "checkpoints_file":
+            out.mkdir()
+            (out / "checkpoints").write_text("not a folder")
+        steps.append({"name": case, "argv": args})
     try:
-        proc, _ = launch([*mpiexec(), "-n", "2", *program(), *args], timeout=120)
+        procs, _ = run_sequence(2, steps, root / "steps", timeout=240)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"refusals: mpiexec hung\n{exc.output}\n{exc.stderr}")
     finally:
         if lock is not None:
             lock.release()
+    return {case: (procs[case], outs[case]) for case in outs}
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_bad_values_refused_up_front(refusals, case):
+    proc, out = refusals[case]
+    expect = REFUSALS[case].format(tmp=out.parent)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = error_lines(proc.stderr)

@@ -141,22 +141,31 @@ SETS = ("--set", 'strategy="fedadam"')
 
 @pytest.fixture(scope="module")
 def two_rounds(tmp_path_factory):
-    """A tiny two-round FedAdam run (one launch, shared by the tests below)."""
-    from test_mpi_runtime import launch, tiny_partition, write_config
+    """Tiny FedAdam runs in ONE launch of 2 ranks (tests/mpi/sequence.py), shared by the
+    tests below: two rounds in one go (``full``), then one round (``short``) resumed to two
+    (``resumed``). Returns the folder and each run's result."""
+    from mpi_helpers import run_sequence
+    from test_mpi_runtime import tiny_partition, write_config
 
     folder = tmp_path_factory.mktemp("fedadam")
     part = tiny_partition(folder / "p.h5", n_clients=2)
-    cfg = write_config(folder / "full.toml", part, folder / "full", n_clients=2, rounds=2)
-    proc = launch(2, "run", "--config", str(cfg), *SETS, timeout=240)
-    assert proc.returncode == 0, proc.stderr
-    return folder
+    full = write_config(folder / "full.toml", part, folder / "full", n_clients=2, rounds=2)
+    short = write_config(folder / "short.toml", part, folder / "short", n_clients=2, rounds=1)
+    steps = [{"name": "full", "argv": ["run", "--config", str(full), *SETS]},
+             {"name": "short", "argv": ["run", "--config", str(short), *SETS]},
+             {"name": "resumed", "argv": ["run", "--config", str(short), *SETS, "--resume",
+                                          "--rounds", "2"]}]
+    procs, _ = run_sequence(2, steps, folder / "steps", timeout=300)
+    return folder, procs
 
 
 @mpi
 def test_fedadam_runs_under_mpiexec(two_rounds):
     from alignfl_mpi.results import load
 
-    res = load(two_rounds / "full" / "results.h5")
+    folder, procs = two_rounds
+    assert procs["full"].returncode == 0, procs["full"].stderr
+    res = load(folder / "full" / "results.h5")
     assert res.finished and res.config["strategy"] == "fedadam"
     assert list(res.server["n_averaged"]) == [2.0, 2.0]
     assert (res.server["server_step_norm"] > 0).all()
@@ -167,19 +176,15 @@ def test_fedadam_runs_under_mpiexec(two_rounds):
 @pytest.mark.slow
 def test_fedadam_resume_is_bit_for_bit_under_mpiexec(two_rounds):
     """One round, then ``--resume`` to two: the same global model as two in one go."""
-    from test_mpi_runtime import launch, write_config
-
     from alignfl_mpi.results import load
 
-    short = write_config(two_rounds / "short.toml", two_rounds / "p.h5", two_rounds / "short",
-                         n_clients=2, rounds=1)
-    assert launch(2, "run", "--config", str(short), *SETS, timeout=240).returncode == 0
-    proc = launch(2, "run", "--config", str(short), *SETS, "--resume", "--rounds", "2",
-                  timeout=240)
+    folder, procs = two_rounds
+    assert procs["short"].returncode == 0, procs["short"].stderr
+    proc = procs["resumed"]
     assert proc.returncode == 0, proc.stderr
     assert "resuming after round 1" in proc.stderr
-    _, a = load(two_rounds / "full" / "results.h5").final_global()
-    _, b = load(two_rounds / "short" / "results.h5").final_global()
+    _, a = load(folder / "full" / "results.h5").final_global()
+    _, b = load(folder / "short" / "results.h5").final_global()
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -175,16 +175,12 @@ def test_options_defaults_validation_and_dp_refused_in_one_line():
 
 # --- under mpiexec -------------------------------------------------------------------------
 @pytest.mark.skipif(find_mpiexec() is None, reason="no mpiexec available")
-def test_moon_runs_under_mpiexec(tmp_path):
-    from test_mpi_runtime import launch, tiny_partition, write_config
-
+def test_moon_runs_under_mpiexec(small_runs):
     from alignfl_mpi.results import load
 
-    part = tiny_partition(tmp_path / "p.h5", n_clients=2)
-    cfg = write_config(tmp_path / "c.toml", part, tmp_path / "run", n_clients=2, rounds=2)
-    proc = launch(2, "run", "--config", str(cfg), "--set", 'strategy="moon"', timeout=240)
+    proc, folder = small_runs["moon"]  # a run of the small_runs launch (conftest.py)
     assert proc.returncode == 0, proc.stderr
-    res = load(tmp_path / "run" / "results.h5")
+    res = load(folder / "results.h5")
     assert res.finished and res.config["strategy"] == "moon"
     assert list(res.server["n_averaged"]) == [2.0, 2.0]
     for c in (0, 1):  # no term in a client's first round, the term from its second

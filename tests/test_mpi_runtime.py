@@ -121,10 +121,9 @@ model = {arch = "mlp", latent_dim = 3, hidden = [48, 24, 12]}
     assert "[rank 0]" in proc.stderr
 
 
-def test_bad_partition_stops_every_rank(tmp_path):
-    part = tiny_partition(tmp_path / "p.h5", n_clients=2)
-    cfg = write_config(tmp_path / "c.toml", part, tmp_path / "run", n_clients=3)
-    proc = launch(2, "run", "--config", str(cfg), timeout=120)
+@pytest.mark.mpi
+def test_bad_partition_stops_every_rank(small_runs):
+    proc, _ = small_runs["bad_partition"]
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "partition has 2 clients but the run is configured for 3" in proc.stderr
 
@@ -166,15 +165,12 @@ def test_resume_equals_uninterrupted(resume_scenario):
 
 # FedProx under mpiexec runs with DP in test_dp_baselines.py (the same launch checks what this
 # one does and the privacy accounting); DP-FedAvg's client round is unit-tested there.
-@pytest.mark.parametrize("strategy", ["fedavg"])
-def test_baselines_run_under_mpiexec(tmp_path, strategy):
-    part = tiny_partition(tmp_path / "p.h5", n_clients=2)
-    cfg = write_config(tmp_path / "c.toml", part, tmp_path / "run", n_clients=2, rounds=2)
-    proc = launch(2, "run", "--config", str(cfg), "--set",
-                  f"strategy={strategy!r}".replace("'", '"'))
+@pytest.mark.mpi
+def test_baselines_run_under_mpiexec(small_runs):
+    proc, folder = small_runs["fedavg"]
     assert proc.returncode == 0, proc.stderr
-    res = load(tmp_path / "run" / "results.h5")
-    assert res.finished and res.config["strategy"] == strategy
+    res = load(folder / "results.h5")
+    assert res.finished and res.config["strategy"] == "fedavg"
     assert list(res.server["n_averaged"]) == [2.0, 2.0]
     # the whole VAE travels: much larger than a decoder-only update
     assert (res.clients[0]["message_bytes"] > 2 * 32 * 784 * 4).all()
@@ -182,19 +178,15 @@ def test_baselines_run_under_mpiexec(tmp_path, strategy):
     assert np.isfinite(res.eval["latent_accuracy"]).all()
 
 
-def test_baselines_refuse_mixed_architectures(tmp_path):
-    part = tiny_partition(tmp_path / "p.h5", n_clients=2)
-    cfg = write_config(tmp_path / "c.toml", part, tmp_path / "run", n_clients=2,
-                       extra='strategy = "fedavg"')
-    text = cfg.read_text().replace('strategy = "fedavg"', "")
-    cfg.write_text('strategy = "fedavg"\n' + text
-                   + '\n[[clients]]\nmodel = {arch = "conv"}\n[[clients]]\n')
-    proc = launch(2, "run", "--config", str(cfg), timeout=120)
+@pytest.mark.mpi
+def test_baselines_refuse_mixed_architectures(small_runs):
+    proc, _ = small_runs["fedavg_mixed"]
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "strategy 'fedavg' averages weights and needs every client to have the server's model" \
         in proc.stderr
 
 
+@pytest.mark.mpi
 def test_sweep_runs_each_setting_and_skips_finished(tmp_path):
     import sys
     from pathlib import Path
@@ -219,13 +211,11 @@ def test_sweep_runs_each_setting_and_skips_finished(tmp_path):
     assert proc.returncode == 0 and proc.stderr.count("finished, skipped") == 2, proc.stderr
 
 
-def test_conditional_clients_and_synthetic_classifier(tmp_path):
-    part = tiny_partition(tmp_path / "p.h5", n_clients=2)
-    cfg = write_config(tmp_path / "c.toml", part, tmp_path / "run", n_clients=2, rounds=2)
-    proc = launch(2, "run", "--config", str(cfg), "--set", "client.model.conditional=true",
-                  "--set", "server.classifier_epochs=1")
+@pytest.mark.mpi
+def test_conditional_clients_and_synthetic_classifier(small_runs):
+    proc, folder = small_runs["conditional"]
     assert proc.returncode == 0, proc.stderr
-    res = load(tmp_path / "run" / "results.h5")
+    res = load(folder / "results.h5")
     assert ((res.eval["task_accuracy"] >= 0) & (res.eval["task_accuracy"] <= 1)).all()
     assert (res.server["classifier_samples"] == 64).all()
     assert "task acc" in proc.stderr

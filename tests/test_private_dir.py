@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-import subprocess
 
 import pytest
 import torch
-from mpi_helpers import find_mpiexec, run_cli
-from test_failures import fast_config
+from mpi_helpers import find_mpiexec
 
 from alignfl_mpi.config import load_config
 from alignfl_mpi.errors import ConfigError
@@ -43,16 +41,9 @@ def test_default_private_folder_is_outside_the_run_and_per_run(tmp_path, monkeyp
 
 @pytest.mark.mpi
 @pytest.mark.skipif(find_mpiexec() is None, reason="no mpiexec available")
-def test_dp_secret_never_lands_in_the_run_folder(tmp_path):
-    cfg, out = fast_config(tmp_path, n_clients=2, rounds=2, output="png = false")
-    cfg.write_text(cfg.read_text().replace("checkpoint = false", ""))
-    private = tmp_path / "private"
-    try:
-        proc = run_cli(2, "run", "--config", str(cfg), "--set", "client.privacy.mode=\"full\"",
-                       "--set", "client.privacy.epsilon=5", "--set",
-                       f'client.private_dir="{private}"', timeout=240)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"run hung\n{exc.stderr}")
+def test_dp_secret_never_lands_in_the_run_folder(small_runs):
+    proc, out = small_runs["dp_private"]  # a run of the small_runs launch (conftest.py)
+    private = out.parent / "private"
     assert proc.returncode == 0, proc.stderr
     res = load(out / "results.h5")
     assert [list(res.clients[c]["status"]) for c in (0, 1)] == [["ok", "ok"]] * 2
