@@ -4,7 +4,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from mpi_helpers import find_mpiexec, run_cli
+from mpi_helpers import find_mpiexec
 
 from alignfl_mpi.results import load
 from alignfl_mpi.schema import read_partition_info
@@ -33,18 +33,35 @@ save_synthetic = true
 """
 
 
-def test_cli_run_on_real_mnist(real_root, tmp_path):
-    cfg = tmp_path / "tiny.toml"
+@pytest.fixture(scope="module")
+def real_runs(real_root, tmp_path_factory):
+    """Three runs on the real-MNIST partition, one after the other in ONE launch of 3 ranks
+    (tests/mpi/sequence.py; 5 clients on 2 client ranks): ``plain``, ``dp`` and
+    ``lipschitz``. No FID-LeNet: training it on 60000 images would be most of their time,
+    and nothing here reads the quality metrics (tests/test_metrics.py does)."""
+    from mpi_helpers import run_sequence
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    cfg = tmp / "tiny.toml"
     cfg.write_text(CONFIG)
-    out = tmp_path / "run"
+    flags = {"plain": ["--set", "server.epochs=2"],
+             "dp": ["--set", "client.privacy.mode=full", "--set", "client.privacy.epsilon=5"],
+             "lipschitz": ["--set", "client.lipschitz.weight=1.0"]}
+    steps = [{"name": name, "argv": [
+        "run", "--config", str(cfg), "--data-root", str(real_root), "--output",
+        str(tmp / name), "--set", "server.quality_metrics=false", *extra]}
+        for name, extra in flags.items()]
     try:
-        proc = run_cli(6, "run", "--config", str(cfg), "--data-root", str(real_root),
-                       "--output", str(out), "--set", "server.epochs=2",
-                       # no FID-LeNet: training it on 60000 images is most of this test's time,
-                       # and nothing here reads the quality metrics (tests/test_metrics.py does)
-                       "--set", "server.quality_metrics=false", timeout=300)
+        procs, _ = run_sequence(3, steps, tmp / "steps", timeout=500)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"run hung\n{exc.output}\n{exc.stderr}")
+    return tmp, procs
+
+
+@pytest.mark.mpi
+def test_cli_run_on_real_mnist(real_runs, real_root):
+    tmp, procs = real_runs
+    proc, out = procs["plain"], tmp / "plain"
     assert proc.returncode == 0, proc.stderr
     # progress per round on rank 0, with the key metrics
     assert "[rank 0] round 1/2 | clients ok 5/5" in proc.stderr
@@ -85,33 +102,10 @@ def test_cli_run_on_real_mnist(real_root, tmp_path):
         assert (out / "png" / f"clients_r{r:04d}.png").stat().st_size > 1000
 
 
-@pytest.fixture(scope="module")
-def private_runs(real_root, tmp_path_factory):
-    """The DP run and the Lipschitz run, one after the other in ONE launch of 3 ranks
-    (tests/mpi/sequence.py; 5 clients on 2 client ranks: the one-client-per-rank layout,
-    -n 6, is the test above)."""
-    from mpi_helpers import run_sequence
-
-    tmp = tmp_path_factory.mktemp("e2e-private")
-    cfg = tmp / "tiny.toml"
-    cfg.write_text(CONFIG)
-    flags = {"dp": ["--set", "client.privacy.mode=full", "--set", "client.privacy.epsilon=5"],
-             "lipschitz": ["--set", "client.lipschitz.weight=1.0"]}
-    steps = [{"name": name, "argv": [
-        "run", "--config", str(cfg), "--data-root", str(real_root), "--output",
-        str(tmp / name), "--set", "server.quality_metrics=false", *extra]}
-        for name, extra in flags.items()]
-    try:
-        procs, _ = run_sequence(3, steps, tmp / "steps", timeout=400)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"run hung\n{exc.output}\n{exc.stderr}")
-    return tmp, procs
-
-
 @pytest.mark.mpi
 @pytest.mark.parametrize("setting", ["dp", "lipschitz"])
-def test_dp_and_lipschitz_runs_record_privacy(private_runs, setting):
-    tmp, procs = private_runs
+def test_dp_and_lipschitz_runs_record_privacy(real_runs, setting):
+    tmp, procs = real_runs
     proc, out = procs[setting], tmp / setting
     assert proc.returncode == 0, proc.stderr
     res = load(out / "results.h5")
