@@ -235,9 +235,11 @@ def main_run(args: Any, comm: Any = None) -> int:
         cfg = resolve_config(args)
         strategy = build_strategy(cfg)
         if not 2 <= size <= cfg.n_clients + 1:
-            raise ConfigError(f"world size {size} does not fit the config: {cfg.n_clients} "
-                              f"clients run on 1 to {cfg.n_clients} client ranks plus the "
-                              f"server (mpiexec -n 2 .. {cfg.n_clients + 1})")
+            n = cfg.n_clients
+            fits = ("1 client runs on 1 client rank plus the server (mpiexec -n 2)" if n == 1
+                    else f"{n} clients run on 1 to {n} client ranks plus the server "
+                         f"(mpiexec -n 2 .. {n + 1})")
+            raise ConfigError(f"world size {size} does not fit the config: {fits}")
     except AlignFLError:
         if rank == 0:
             raise  # the CLI prints it once; the other ranks exit quietly with the same status

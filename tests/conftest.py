@@ -131,7 +131,8 @@ def small_runs(tmp_path_factory):
       (test_mpi_runtime.py); ``moon`` (test_moon.py);
     - ``dp_fedprox``, ``dp_align-fl`` (DP, the DP prior and lambda_lip 0.5)
       (test_dp_baselines.py);
-    - ``dp_private``: DP with checkpoints and ``client.private_dir`` (test_private_dir.py).
+    - ``dp_private``: DP with checkpoints and ``client.private_dir`` (test_private_dir.py);
+    - ``progress``: 100 local epochs, ``--verbose``, progress every 0.2 s (test_progress.py).
     """
     import subprocess
 
@@ -172,6 +173,12 @@ def small_runs(tmp_path_factory):
         "run", "--config", str(cfg), "--set", 'client.privacy.mode="full"', "--set",
         "client.privacy.epsilon=5", "--set",
         f'client.private_dir="{root / "dp_private" / "private"}"']})
+    (root / "progress").mkdir()
+    cfg, out = fast_config(root / "progress", n_clients=2, rounds=2)
+    cfg.write_text(cfg.read_text().replace("local_epochs = 1", "local_epochs = 100")
+                   .replace("png = false", "png = false\nprogress_interval_s = 0.2"))
+    folders["progress"] = out
+    steps.append({"name": "progress", "argv": ["run", "--config", str(cfg), "--verbose"]})
     try:
         procs, _ = run_sequence(2, steps, root / "steps", timeout=400)
     except subprocess.TimeoutExpired as exc:

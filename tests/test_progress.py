@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import io
 import logging
-import subprocess
 
 import pytest
 from mpi_helpers import find_mpiexec, run_cli
-from test_failures import fast_config
 
 from alignfl_mpi.errors import MessageError
 from alignfl_mpi.messages import (
@@ -90,14 +88,8 @@ mpi = pytest.mark.skipif(find_mpiexec() is None, reason="no mpiexec available")
 
 @pytest.mark.mpi
 @mpi
-def test_progress_lines_reach_rank_0(tmp_path):
-    cfg, out = fast_config(tmp_path, n_clients=2, rounds=2)
-    cfg.write_text(cfg.read_text().replace("local_epochs = 1", "local_epochs = 100")
-                   .replace("png = false", "png = false\nprogress_interval_s = 0.2"))
-    try:
-        proc = run_cli(2, "run", "--config", str(cfg), "--verbose", timeout=240)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"run hung\n{exc.stderr}")
+def test_progress_lines_reach_rank_0(small_runs):
+    proc, _ = small_runs["progress"]  # a run of the small_runs launch (conftest.py)
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if "clients done" in line]
     assert any("slowest: client" in line and "epoch" in line for line in lines), proc.stderr

@@ -62,32 +62,35 @@ N_CLIENTS = 20
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """20 clients, participation 0.5, 3 rounds: uninterrupted and synchronous on 3 ranks (2
-    client ranks); and pipelined with clients spilling to disk, 1 round on 2 ranks (all
-    clients on one rank), resumed to 3 rounds on 5 ranks."""
+    """20 clients, participation 0.5, 3 rounds: pipelined with clients spilling to disk, 1
+    round on 2 ranks (all clients on one rank); then, in one launch of 3 ranks
+    (tests/mpi/sequence.py), the same 3 rounds uninterrupted and synchronous (2 client
+    ranks), and the pipelined run resumed to 3 rounds (its clients now on 2 ranks)."""
     if find_mpiexec() is None:
         pytest.skip("no mpiexec available")
+    from mpi_helpers import run_sequence
     from test_mpi_runtime import launch, tiny_partition, write_config
 
     tmp = tmp_path_factory.mktemp("virtual")
     part = tiny_partition(tmp / "p.h5", n_clients=N_CLIENTS, n_per_client=24)
     sets = ["--set", "clients_per_round=0.5", "--set", "server.quality_metrics=false",
             "--set", "output.png=false"]
-    out = {}
-    for name in ("full", "split"):
-        cfg = write_config(tmp / f"{name}.toml", part, tmp / name, n_clients=N_CLIENTS,
-                           rounds=3)
-        out[name] = tmp / name / "results.h5"
-        if name == "full":
-            out["procs"] = [launch(3, "run", "--config", str(cfg), *sets, timeout=300)]
-        else:
-            # pipelined, and a memory budget of ~2 clients' state: the others spill
-            sets += ["--set", "server.pipeline=true", "--set", "rank_memory_mb=1.5",
-                     "--set", f'client.private_dir="{tmp / "private"}"']
-            out["private"] = tmp / "private"
-            out["procs"] += [
-                launch(2, "run", "--config", str(cfg), *sets, "--rounds", "1", timeout=300),
-                launch(5, "run", "--config", str(cfg), *sets, "--resume", timeout=300)]
+    # pipelined, and a memory budget of ~2 clients' state: the others spill
+    split_sets = [*sets, "--set", "server.pipeline=true", "--set", "rank_memory_mb=1.5",
+                  "--set", f'client.private_dir="{tmp / "private"}"']
+    cfg = {name: write_config(tmp / f"{name}.toml", part, tmp / name, n_clients=N_CLIENTS,
+                              rounds=3) for name in ("full", "split")}
+    out = {name: tmp / name / "results.h5" for name in cfg}
+    out["private"] = tmp / "private"
+    first = launch(2, "run", "--config", str(cfg["split"]), *split_sets, "--rounds", "1",
+                   timeout=300)
+    out["split_first_placement"] = (list(load(out["split"]).attrs["placement"])
+                                    if out["split"].exists() else None)
+    steps = [{"name": "full", "argv": ["run", "--config", str(cfg["full"]), *sets]},
+             {"name": "resume", "argv": ["run", "--config", str(cfg["split"]), *split_sets,
+                                         "--resume"]}]
+    procs, _ = run_sequence(3, steps, tmp / "steps", timeout=400)
+    out["procs"] = [first, procs["full"], procs["resume"]]
     return out
 
 
@@ -114,13 +117,15 @@ def test_runs_many_clients_per_rank_with_participation(runs):
 @pytest.mark.mpi
 def test_pipelined_resumed_on_other_ranks_equals_the_synchronous_run(runs):
     """Neither the placement, the pipeline nor spilling changes results: pipelined and over
-    its memory budget, 1 round on 2 ranks and resumed on 5, equals 3 synchronous rounds on 3
+    its memory budget, 1 round on 2 ranks and resumed on 3, equals 3 synchronous rounds on 3
     ranks bit for bit (each client's checkpoint is its own; the server's round r uses
     exactly round r's updates; a spilled state is read back as it was)."""
     # clients not asked again since they spilled are still on disk at the end
     assert list(runs["private"].glob("run-*/client_*/spilled.ckpt"))
     a, b = load(runs["full"]), load(runs["split"])
-    assert b.finished and list(b.attrs["placement"]) != list(a.attrs["placement"])
+    # the results keep the placement of the run's first launch: all on rank 1 (-n 2)
+    assert b.finished and runs["split_first_placement"] == [1] * N_CLIENTS
+    assert list(b.attrs["placement"]) == [1] * N_CLIENTS != list(a.attrs["placement"])
     _, ga = a.final_global()
     _, gb = b.final_global()
     for k in ga:
@@ -148,14 +153,13 @@ def test_world_size_must_fit_the_clients(tmp_path):
         pytest.skip("no mpiexec available")
     from test_mpi_runtime import launch, tiny_partition, write_config
 
-    part = tiny_partition(tmp_path / "p.h5", n_clients=2)
-    cfg = write_config(tmp_path / "c.toml", part, tmp_path / "run", n_clients=2)
-    proc = launch(4, "run", "--config", str(cfg), timeout=120)
+    part = tiny_partition(tmp_path / "p.h5", n_clients=1)
+    cfg = write_config(tmp_path / "c.toml", part, tmp_path / "run", n_clients=1)
+    proc = launch(3, "run", "--config", str(cfg), timeout=120)
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if "error" in line]
-    assert lines == ["alignfl-mpi: error: world size 4 does not fit the config: 2 clients "
-                     "run on 1 to 2 client ranks plus the server (mpiexec -n 2 .. 3)"], \
-        proc.stderr
+    assert lines == ["alignfl-mpi: error: world size 3 does not fit the config: 1 client "
+                     "runs on 1 client rank plus the server (mpiexec -n 2)"], proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
 
 
