@@ -86,7 +86,7 @@ def begin_round(state: LocalState, *, seed: int, round_: int) -> tuple[int, torc
 
 
 def penalty_term(penalty: Penalty) -> Term:
-    """A Lipschitz penalty ``(vae, mu) -> (tensor, float)`` as a :data:`Term`."""
+    """A Lipschitz penalty ``(vae, mu) -> (tensor, its detached value)`` as a :data:`Term`."""
     return lambda vae, _x, mu: penalty(vae, mu)[0]
 
 

@@ -37,7 +37,7 @@ decoder ``D: R^d -> R^P`` (``P = C*H*W`` pixels) with Jacobian ``J(z)`` (``P x d
 >>> pen = make_penalty(LipschitzConfig(weight=1.0), generator=g)
 >>> vae = type("V", (nn.Module,), {"decode": lambda self, z: 2.0 * z})()
 >>> tensor, value = pen(vae, torch.randn(4, 2))
->>> round(value, 6)  # ||J^T 1|| = ||(2, 2)|| = 2.83 -> (2.83 - 1)^2
+>>> round(float(value), 6)  # ||J^T 1|| = ||(2, 2)|| = 2.83 -> (2.83 - 1)^2
 3.343146
 """
 
@@ -73,8 +73,8 @@ __all__ = [
     "spectral_upper_bound",
 ]
 
-Penalty = Callable[[nn.Module, Tensor], tuple[Tensor, float]]
-LatentPenalty = Callable[[nn.Module], tuple[Tensor, float]]
+Penalty = Callable[[nn.Module, Tensor], tuple[Tensor, Tensor | float]]
+LatentPenalty = Callable[[nn.Module], tuple[Tensor, Tensor | float]]
 
 PENALTY_FORMS = ("two-sided", "hinge")
 GRAD_NORM_MODES = ("sum", "random", "spectral")
@@ -134,7 +134,7 @@ def make_penalty(
             the config has that field, else ``"sum"``.
 
     Returns:
-        ``penalty(vae, mu) -> (penalty_tensor, float(penalty_tensor))``. With
+        ``penalty(vae, mu) -> (penalty_tensor, penalty_tensor.detach())`` (no host sync). With
         ``cfg.weight == 0`` it returns a constant zero and draws nothing.
 
     Raises:
@@ -143,7 +143,7 @@ def make_penalty(
     """
     at = _penalty_at(cfg, generator=generator, grad_norm_mode=grad_norm_mode)
 
-    def penalty(vae: nn.Module, mu: Tensor) -> tuple[Tensor, float]:
+    def penalty(vae: nn.Module, mu: Tensor) -> tuple[Tensor, Tensor | float]:
         if cfg.weight == 0.0:
             zero = mu.new_zeros(())
             return zero, 0.0
@@ -175,20 +175,20 @@ def make_latent_penalty(
         grad_norm_mode: As for :func:`make_penalty`.
 
     Returns:
-        ``penalty(vae) -> (penalty_tensor, float(penalty_tensor))``.
+        ``penalty(vae) -> (penalty_tensor, penalty_tensor.detach())`` (no host sync).
 
     >>> from alignfl_mpi.prior import standard_normal_prior
     >>> pen = make_latent_penalty(LipschitzConfig(weight=1.0), prior=standard_normal_prior(2),
     ...                           n_points=4, generator=torch.Generator().manual_seed(0))
     >>> vae = type("V", (nn.Module,), {"decode": lambda self, z: 2.0 * z})()
-    >>> round(pen(vae)[1], 6)  # ||J^T 1|| = 2.83 at every point
+    >>> round(float(pen(vae)[1]), 6)  # ||J^T 1|| = 2.83 at every point
     3.343146
     """
     if n_points < 1:
         raise ValueError(f"n_points must be >= 1, got {n_points}")
     at = _penalty_at(cfg, generator=generator, grad_norm_mode=grad_norm_mode)
 
-    def penalty(vae: nn.Module) -> tuple[Tensor, float]:
+    def penalty(vae: nn.Module) -> tuple[Tensor, Tensor | float]:
         param = next(iter(vae.parameters()), None)
         if cfg.weight == 0.0:
             return torch.zeros((), device=None if param is None else param.device), 0.0
@@ -202,7 +202,7 @@ def make_latent_penalty(
 
 def _penalty_at(
     cfg: LipschitzConfig, *, generator: torch.Generator, grad_norm_mode: str | None
-) -> Callable[[nn.Module, Tensor], tuple[Tensor, float]]:
+) -> Callable[[nn.Module, Tensor], tuple[Tensor, Tensor | float]]:
     """Validate ``cfg``; return ``(vae, z) -> weight * mean(phi(n(z)))`` at given points."""
     mode = grad_norm_mode or getattr(cfg, "grad_norm_mode", "sum")
     if cfg.form not in PENALTY_FORMS:
@@ -215,7 +215,7 @@ def _penalty_at(
                           f"got {cfg.weight} and {cfg.target}")
     weight, target, form = float(cfg.weight), float(cfg.target), cfg.form
 
-    def at(vae: nn.Module, z: Tensor) -> tuple[Tensor, float]:
+    def at(vae: nn.Module, z: Tensor) -> tuple[Tensor, Tensor | float]:
         norms = _grad_norms(vae.decode, z, mode=mode,  # type: ignore[arg-type]
                             generator=generator)  # nn.Module: decode is a method
         if form == "two-sided":
@@ -223,7 +223,7 @@ def _penalty_at(
         else:
             per_point = torch.relu(norms - target).square()
         value = weight * per_point.mean()
-        return value, float(value.detach())
+        return value, value.detach()  # a tensor: reading it as a float syncs the device
 
     return at
 

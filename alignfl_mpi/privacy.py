@@ -1002,7 +1002,7 @@ def per_sample_vae_loss(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *,
 
 
 #: A data-independent loss term: ``regulariser(vae) -> (tensor, float(tensor))``.
-Regulariser = Callable[[nn.Module], tuple[Tensor, float]]
+Regulariser = Callable[[nn.Module], tuple[Tensor, Tensor | float]]
 
 
 @contextlib.contextmanager
@@ -1027,7 +1027,7 @@ class PrivateTrainer:
     decoder; the encoder and latent heads get plain (unclipped, noiseless) mean gradients in
     the same backward and the same Adam step.
 
-    ``regulariser(vae) -> (tensor, float)`` is an optional loss term that does not read
+    ``regulariser(vae) -> (tensor, its detached value)`` is an optional loss term that does not read
     private data (the Lipschitz penalty at public latent points, FedProx's proximal term).
     Its gradient is added after the noise, so the private path (sampling, clipping, noise,
     generators) is the same with or without it, and so is the accounting: post-processing.
@@ -1044,7 +1044,7 @@ class PrivateTrainer:
                  seed: int, regulariser: Regulariser | None = None) -> None:
         self.vae, self.optimizer, self.plan, self.rule = vae, optimizer, plan, rule
         self.regulariser = regulariser
-        self.regulariser_value = 0.0
+        self.regulariser_value: Tensor | float = 0.0
         self.kl_weight, self.device = kl_weight, device
         private = vae if mode == "full" else cast(nn.Module, vae.decoder)
         self.clipper = PerSampleClipper(private)
@@ -1127,17 +1127,19 @@ class PrivateTrainer:
         self.vae.train()
         metrics: dict[str, float] = {}
         for _ in range(epochs):
-            sums, seen, penalty = torch.zeros(3, dtype=torch.float64), 0, 0.0
+            # sums stay on the device until the epoch ends: no host sync per step
+            sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+            seen, penalty = 0, torch.zeros((), dtype=torch.float64, device=self.device)
             for _ in range(self.plan.steps_per_epoch):
                 x = data[self.sample_batch(len(data))].to(self.device, non_blocking=True)
                 terms = self.step(x)
-                sums += torch.stack([t.sum().double().cpu() for t in terms])
+                sums += torch.stack([t.sum().double() for t in terms])
                 seen += len(x)
                 penalty += self.regulariser_value
             sums /= max(seen, 1)
             metrics = dict(zip(("loss", "recon", "kl"), sums.tolist()))
             if self.regulariser is not None:
-                metrics["penalty"] = penalty / self.plan.steps_per_epoch
+                metrics["penalty"] = float(penalty) / self.plan.steps_per_epoch
         return metrics
 
 
@@ -1318,9 +1320,9 @@ def _combine(*terms: Regulariser | None) -> Regulariser | None:
     if len(active) <= 1:
         return active[0] if active else None
 
-    def total(vae: nn.Module) -> tuple[Tensor, float]:
+    def total(vae: nn.Module) -> tuple[Tensor, Tensor | float]:
         values = [t(vae) for t in active]
-        return cast(Tensor, sum(v for v, _ in values)), float(sum(f for _, f in values))
+        return cast(Tensor, sum(v for v, _ in values)), sum(f for _, f in values)
 
     return total
 

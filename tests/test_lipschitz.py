@@ -383,3 +383,13 @@ def test_latent_penalty_trains_only_the_decoder() -> None:
     tensor.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in vae.decoder.parameters())
     assert all(p.grad is None for p in vae.encoder.parameters())
+
+
+def test_penalty_reports_its_value_as_a_tensor_without_a_host_sync() -> None:
+    """The logged value stays a (detached) tensor: reading it as a float per step would
+    synchronise an accelerator once per minibatch."""
+    g = torch.Generator().manual_seed(0)
+    vae = type("V", (torch.nn.Module,), {"decode": lambda self, z: 2.0 * z})()
+    value, logged = make_penalty(LipschitzConfig(weight=1.0), generator=g)(vae, torch.randn(4, 2))
+    assert isinstance(logged, torch.Tensor) and not logged.requires_grad
+    assert torch.equal(logged, value.detach())

@@ -61,13 +61,13 @@ def average_states(states: list[dict[str, np.ndarray]], weights: list[float]
 
 
 def _data_free(terms: list[Any]) -> Any:
-    """Terms that read no data as one DP regulariser ``vae -> (tensor, float)``."""
+    """Terms that read no data as one DP regulariser ``vae -> (tensor, its detached value)``."""
     if not terms:
         return None
 
-    def regulariser(vae: torch.nn.Module) -> tuple[torch.Tensor, float]:
+    def regulariser(vae: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | float]:
         value = sum(t(vae, None, None) for t in terms)
-        return value, float(value.detach())
+        return value, value.detach()
     return regulariser
 
 
