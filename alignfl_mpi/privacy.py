@@ -1001,6 +1001,12 @@ def per_sample_vae_loss(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *,
     return rec + kl_weight * kl, rec, kl
 
 
+#: A data-reading loss term computed from the step's own forward pass:
+#: ``sample_term(vae, x, mu, logvar) -> (B,)``, one value per sample of the batch, each a
+#: function of that sample alone (MOON's contrastive term). It joins the per-sample losses
+#: before clipping, so its gradient is clipped and noised with theirs.
+SampleTerm = Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]
+
 #: A data-independent loss term: ``regulariser(vae) -> (tensor, float(tensor))``.
 Regulariser = Callable[[nn.Module], tuple[Tensor, Tensor | float]]
 
@@ -1032,6 +1038,10 @@ class PrivateTrainer:
     Its gradient is added after the noise, so the private path (sampling, clipping, noise,
     generators) is the same with or without it, and so is the accounting: post-processing.
 
+    ``sample_term`` (:data:`SampleTerm`) is a term that reads the private batch: it is added
+    to each sample's loss before the per-sample clipping, from the same captured forward
+    pass, so the clipped per-sample gradients (and so the accounting) cover it.
+
     Attributes:
         grad_noise_multiplier: Multiplier of the gradient noise actually added (sigma, or the
             Theorem-1 inflation of sigma for adaptive clipping).
@@ -1041,9 +1051,13 @@ class PrivateTrainer:
 
     def __init__(self, vae: nn.Module, optimizer: torch.optim.Optimizer, *, mode: str,
                  plan: PrivacyPlan, rule: ClipRule, kl_weight: float, device: torch.device,
-                 seed: int, regulariser: Regulariser | None = None) -> None:
+                 seed: int, regulariser: Regulariser | None = None,
+                 sample_term: SampleTerm | None = None) -> None:
         self.vae, self.optimizer, self.plan, self.rule = vae, optimizer, plan, rule
         self.regulariser = regulariser
+        if sample_term is not None and mode != "full":
+            raise ValueError("a per-sample term reads the encoder's output: it needs mode 'full'")
+        self.sample_term = sample_term
         self.regulariser_value: Tensor | float = 0.0
         self.kl_weight, self.device = kl_weight, device
         private = vae if mode == "full" else cast(nn.Module, vae.decoder)
@@ -1095,6 +1109,8 @@ class PrivateTrainer:
             with self.clipper.capture():
                 recon, mu, logvar = self.vae(x)
             losses, rec, kl = per_sample_vae_loss(recon, x, mu, logvar, kl_weight=self.kl_weight)
+            if self.sample_term is not None:
+                losses = losses + self.sample_term(self.vae, x, mu, logvar)
             public_grads = self.clipper.backward(losses, self.public_params)
             norms = self.clipper.norms()
         else:
@@ -1329,6 +1345,7 @@ def _combine(*terms: Regulariser | None) -> Regulariser | None:
 
 def train_private_round(state: LocalState, data: Tensor, *, round_: int, seed: int,
                         generator: torch.Generator, regulariser: Regulariser | None = None,
+                        sample_term: SampleTerm | None = None,
                         ) -> tuple[dict[str, float], GaussianMixturePrior]:
     """One private local round: DP-SGD for ``local_epochs``, then the prior, then accounting.
 
@@ -1347,6 +1364,8 @@ def train_private_round(state: LocalState, data: Tensor, *, round_: int, seed: i
             (which are not data) are drawn from it.
         regulariser: An extra data-independent term (FedProx's proximal term), added after
             the noise like the Lipschitz penalty.
+        sample_term: A per-sample term that reads the batch (MOON's contrastive term),
+            clipped and noised with the VAE loss (``mode = "full"`` only).
 
     Returns:
         ``(metrics, prior)``: the loss terms of the last epoch, the privacy metrics
@@ -1365,7 +1384,8 @@ def train_private_round(state: LocalState, data: Tensor, *, round_: int, seed: i
     penalty = public_penalty(state, ledger, plan, generator=generator)
     trainer = PrivateTrainer(state.vae, state.optimizer, mode=cfg.privacy.mode, plan=plan,
                              rule=rule, kl_weight=cfg.kl_weight, device=state.device,
-                             seed=round_seed, regulariser=_combine(penalty, regulariser))
+                             seed=round_seed, regulariser=_combine(penalty, regulariser),
+                             sample_term=sample_term)
     metrics = trainer.train(data, epochs=cfg.local_epochs)
     ledger.record_sgd(plan.noise_multiplier, plan.sample_rate, trainer.steps_done)
     prior = _release_prior(state, data, plan=plan, ledger=ledger, seed=round_seed)

@@ -129,7 +129,7 @@ def small_runs(tmp_path_factory):
     - ``bad_partition``: a 2-client partition for a 3-client config (test_mpi_runtime.py);
     - ``fedavg``, ``fedavg_mixed`` (one conv client: refused), ``conditional``
       (test_mpi_runtime.py); ``moon`` (test_moon.py);
-    - ``dp_fedprox``, ``dp_align-fl`` (DP, the DP prior and lambda_lip 0.5)
+    - ``dp_fedprox``, ``dp_moon``, ``dp_align-fl`` (DP, the DP prior and lambda_lip 0.5)
       (test_dp_baselines.py);
     - ``dp_private``: DP with checkpoints and ``client.private_dir`` (test_private_dir.py);
     - ``progress``: 100 local epochs, ``--verbose``, progress every 0.2 s (test_progress.py).
@@ -163,6 +163,7 @@ def small_runs(tmp_path_factory):
     add("moon", 'strategy="moon"')
     dp = ['client.privacy.mode="full"', "client.privacy.epsilon=3.0"]
     add("dp_fedprox", 'strategy="fedprox"', *dp, 'client.privacy.prior="standard"')
+    add("dp_moon", 'strategy="moon"', *dp, 'client.privacy.prior="standard"')
     add("dp_align-fl", 'strategy="align-fl"', *dp, 'client.privacy.prior="dp"',
         "client.lipschitz.weight=0.5")
     (root / "dp_private").mkdir()

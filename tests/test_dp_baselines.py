@@ -133,11 +133,12 @@ def test_dp_averaging_with_lipschitz_penalty(images) -> None:
 
 
 @pytest.mark.skipif(find_mpiexec() is None, reason="no mpiexec available")
-@pytest.mark.parametrize("strategy", ["fedprox", "align-fl"])
+@pytest.mark.parametrize("strategy", ["fedprox", "moon", "align-fl"])
 def test_dp_baseline_records_epsilon_under_mpiexec(small_runs, strategy) -> None:
     """DP-FedProx (a FedAvg subclass: DP-FedAvg's launch would repeat it; its client round is
-    unit-tested above); and ALIGN-FL with DP, the DP prior and lambda_lip > 0 (runs of the
-    ``small_runs`` launch, conftest.py).
+    unit-tested above); DP-MOON (its term clipped with each sample's loss from round 2); and
+    ALIGN-FL with DP, the DP prior and lambda_lip > 0 (runs of the ``small_runs`` launch,
+    conftest.py).
 
     The FedProx run is also the FedProx baseline under mpiexec: the whole VAE travels, both
     decoders are kept, the global model is evaluated."""

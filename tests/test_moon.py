@@ -153,7 +153,7 @@ def _cfg(*extra: str):
     return load_config(overrides=['strategy="moon"', "n_clients=2", *extra])
 
 
-def test_options_defaults_validation_and_dp_refused_in_one_line():
+def test_options_defaults_and_validation_in_one_line():
     assert Moon.OPTIONS == {"mu": 1.0, "temperature": 0.5, "buffer_size": 5,
                             "representation": "z"}  # the reference code's
     assert build_strategy(_cfg("strategy_options.temperature=0.1")).options == \
@@ -165,12 +165,67 @@ def test_options_defaults_validation_and_dp_refused_in_one_line():
                              ("strategy_options.buffer_size=1.5", "must be an integer"),
                              ('strategy_options.representation="x"',
                               "representation must be one of z, mu"),
-                             ('client.privacy.mode="full"',
-                              "cannot run with client.privacy.mode = 'full'.*reads private "
-                              "data")):
+                             ('client.privacy.mode="decoder"',
+                              "would send a non-private encoder; use 'full'")):
         with pytest.raises(ConfigError, match=message) as info:
             build_strategy(_cfg(setting))
         assert "\n" not in str(info.value)
+
+
+# --- DP-MOON -------------------------------------------------------------------------------
+def test_dp_moon_clips_the_contrastive_term_with_each_samples_loss():
+    """The term joins each sample's loss before clipping: the clipper's per-sample gradient
+    norms of ``vae loss + l_con`` equal one backward per sample (so the clipping, and the
+    accounting, cover the term's gradient), and differ from the norms without it."""
+    from test_privacy import effective_tensors
+    from torch.nn.utils import parametrize
+
+    from alignfl_mpi.models import ModelSpec, build_vae
+    from alignfl_mpi.privacy import PerSampleClipper, per_sample_vae_loss
+
+    torch.manual_seed(0)
+    vae = build_vae(ModelSpec(arch="mlp", hidden=(16, 8))).eval()  # eval: z = mu
+    previous = [{k: v + 0.1 * torch.randn_like(v) for k, v in vae.state_dict().items()}]
+    glob = build_vae(ModelSpec(arch="mlp", hidden=(16, 8)))
+    term = ContrastiveTerm(glob, previous, weight=5.0, temperature=0.5, kind="mu")
+    x = torch.rand(6, 1, 28, 28)
+    clipper = PerSampleClipper(vae)
+    with clipper.capture():
+        recon, mu, logvar = vae(x)
+    base = per_sample_vae_loss(recon, x, mu, logvar, kl_weight=0.5)[0]
+    extra = term.per_sample(vae, x, mu, logvar)
+    assert extra.shape == (6,) and (extra > 0).all()
+    clipper.backward(base + extra)
+    norms = clipper.norms()
+    rows, plain = [], []
+    with parametrize.cached():
+        tensors = effective_tensors(clipper)
+        for i in range(len(x)):
+            r, m, lv = vae(x[i:i + 1])
+            loss = per_sample_vae_loss(r, x[i:i + 1], m, lv, kl_weight=0.5)[0].sum()
+            grads = torch.autograd.grad(loss + term.per_sample(vae, x[i:i + 1], m, lv).sum(),
+                                        tensors, retain_graph=True)
+            rows.append(torch.cat([g.flatten() for g in grads]))
+            plain.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, tensors)]))
+    expected = torch.stack(rows).double().norm(dim=1)
+    torch.testing.assert_close(norms, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(expected, torch.stack(plain).double().norm(dim=1), rtol=1e-3)
+
+
+def test_dp_moon_round_is_accounted_and_the_term_changes_the_update(images):
+    """DP-MOON's second round: epsilon recorded as DP-FedAvg's (same plan, same steps);
+    the contrastive term (mu = 5) changes the privatised update."""
+    from test_dp_baselines import dp_cfg, fresh_state
+
+    def two_rounds(strategy, **options):
+        state = fresh_state(dp_cfg())
+        return [local_round(state, images, round_=r, seed=0, strategy=strategy,
+                            global_state=GLOBALS[r], **options) for r in range(2)][1]
+
+    fedavg, moon = two_rounds("fedavg"), two_rounds("moon", mu=5.0)
+    assert moon.metrics["epsilon"] == fedavg.metrics["epsilon"] > 0
+    assert moon.metrics["dp_accounted"] == 1.0
+    assert any(not np.array_equal(moon.state[k], fedavg.state[k]) for k in fedavg.state)
 
 
 # --- under mpiexec -------------------------------------------------------------------------

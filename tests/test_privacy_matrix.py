@@ -23,7 +23,7 @@ from alignfl_mpi.models import build_vae, model_spec
 from alignfl_mpi.privacy import LOCAL_ONLY_METRICS
 from alignfl_mpi.strategies import build_strategy
 
-STRATEGIES = ("align-fl", "fedavg", "fedprox")
+STRATEGIES = ("align-fl", "fedavg", "fedprox", "moon")
 MODES = ("none", "decoder", "full")
 CLIPPINGS = ("adaptive", "median", "flat")
 PENALTIES = (0.0, 0.5)
@@ -79,7 +79,7 @@ class Spy:
 
 
 def test_matrix_has_every_combination() -> None:
-    assert len(COMBINATIONS) == 3 * 3 * 3 * 2 * 2 * 2
+    assert len(COMBINATIONS) == 4 * 3 * 3 * 2 * 2 * 2
 
 
 @pytest.mark.parametrize("combo", COMBINATIONS, ids=lambda c: "-".join(map(str, c)))

@@ -14,7 +14,7 @@ the server saw.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -58,6 +58,18 @@ def average_states(states: list[dict[str, np.ndarray]], weights: list[float]
             acc += st[name].astype(np.float64) * (w / total)
         out[name] = acc.astype(first.dtype)
     return out
+
+
+def _per_sample(terms: list[Any]) -> Any:
+    """Terms that read data, each with a per-sample form, as one DP
+    :data:`~alignfl_mpi.privacy.SampleTerm` (clipped with the VAE loss)."""
+    if not terms:
+        return None
+
+    def sample_term(vae: torch.nn.Module, x: torch.Tensor, mu: torch.Tensor,
+                    logvar: torch.Tensor) -> torch.Tensor:
+        return cast(torch.Tensor, sum(t.per_sample(vae, x, mu, logvar) for t in terms))
+    return sample_term
 
 
 def _data_free(terms: list[Any]) -> Any:
@@ -121,12 +133,14 @@ class FedAvg(Strategy):
         state.optimizer = torch.optim.Adam(state.vae.parameters(), lr=state.cfg.lr)
         terms = self.local_terms(state)
         if state.private:
-            if any(t.reads_data for t in terms):
+            reading = [t for t in terms if t.reads_data]
+            if any(not hasattr(t, "per_sample") for t in reading):
                 raise ConfigError(f"strategy {self.name!r}: a loss term that reads data "
-                                  "cannot be added after the DP noise")
-            metrics, _ = train_private_round(state, data, round_=round_, seed=rs,
-                                             generator=generator,
-                                             regulariser=_data_free(terms))
+                                  "and has no per-sample form cannot run under DP")
+            metrics, _ = train_private_round(
+                state, data, round_=round_, seed=rs, generator=generator,
+                regulariser=_data_free([t for t in terms if not t.reads_data]),
+                sample_term=_per_sample(reading))
         else:
             metrics = train_vae(state, data, generator=generator,
                                 terms=(*terms, lipschitz_term(state, generator)))

@@ -34,8 +34,11 @@ stored in ``state.extra["moon_previous"]`` (a list of CPU state dicts, oldest fi
 :class:`~alignfl_mpi.client.LocalState`, so a resumed client continues bit for bit, and a
 round that failed half-way never becomes "previous".
 
-DP is refused: the contrastive term reads private data, so it cannot be added after the
-DP noise, and the DP-SGD trainer has no per-sample term for it.
+DP-MOON (``privacy.mode = "full"``, the N(0, I) prior, as DP-FedAvg): the contrastive term
+reads private data, so it cannot be added after the noise like FedProx's proximal term.
+It joins each sample's loss before the per-sample clipping instead
+(:meth:`ContrastiveTerm.per_sample`, computed from the DP step's own forward pass), so its
+gradient is clipped and noised with the VAE loss's, and the accounting is unchanged.
 """
 
 from __future__ import annotations
@@ -60,9 +63,9 @@ REPRESENTATIONS = ("z", "mu")
 
 
 def contrastive_loss(z: torch.Tensor, z_glob: torch.Tensor, z_prev: list[torch.Tensor], *,
-                     temperature: float) -> torch.Tensor:
+                     temperature: float, reduction: str = "mean") -> torch.Tensor:
     """MOON's ``l_con``, averaged over the batch (rows are samples; one negative per
-    tensor of ``z_prev``).
+    tensor of ``z_prev``); ``reduction="none"`` gives one value per sample.
 
     >>> z = torch.tensor([[1.0, 0.0]])
     >>> round(float(contrastive_loss(z, z, [-z], temperature=0.5)), 5)  # log(1 + e^-4)
@@ -71,7 +74,7 @@ def contrastive_loss(z: torch.Tensor, z_glob: torch.Tensor, z_prev: list[torch.T
     sims = [F.cosine_similarity(z, other, dim=-1) for other in (z_glob, *z_prev)]
     logits = torch.stack(sims, dim=1) / temperature
     target = torch.zeros(len(z), dtype=torch.long, device=z.device)
-    return F.cross_entropy(logits, target)
+    return F.cross_entropy(logits, target, reduction=reduction)
 
 
 def representation(vae: VAE, x: torch.Tensor, *, kind: str) -> torch.Tensor:
@@ -117,6 +120,18 @@ class ContrastiveTerm:
             z_prev = [representation(p, x, kind=self.kind) for p in self.previous]
         return self.weight * contrastive_loss(z, z_glob, z_prev, temperature=self.temperature)
 
+    def per_sample(self, vae: VAE, x: torch.Tensor, mu: torch.Tensor,
+                   logvar: torch.Tensor) -> torch.Tensor:
+        """The term per sample, from the DP step's own forward pass (``mu``, ``logvar``):
+        no second encoder pass, so the per-sample clipping covers it (a
+        :data:`~alignfl_mpi.privacy.SampleTerm`). Sample i's value reads sample i only."""
+        z = mu if self.kind == "mu" else mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        with torch.no_grad():
+            z_glob = representation(self.glob, x, kind=self.kind)
+            z_prev = [representation(p, x, kind=self.kind) for p in self.previous]
+        return self.weight * contrastive_loss(z, z_glob, z_prev, temperature=self.temperature,
+                                              reduction="none")
+
 
 class Moon(FedAvg):
     """FedAvg with MOON's model-contrastive term on the client."""
@@ -126,15 +141,8 @@ class Moon(FedAvg):
     OPTIONS = {"mu": 1.0, "temperature": 0.5, "buffer_size": 5, "representation": "z"}
 
     def validate(self) -> None:
-        """No DP (the term reads private data); ``mu >= 0``, ``temperature > 0``."""
-        for k in range(self.cfg.n_clients):
-            mode = self.cfg.client_config(k).privacy.mode
-            if mode != "none":
-                where = f"clients[{k}]" if self.cfg.clients else "client"
-                raise ConfigError(
-                    f"strategy 'moon' cannot run with {where}.privacy.mode = {mode!r}: its "
-                    "contrastive term reads private data and cannot be added after the DP "
-                    "noise; set privacy.mode = 'none'")
+        """FedAvg's checks (DP as ``mode = "full"``: the contrastive term then joins each
+        sample's clipped loss); ``mu >= 0``, ``temperature > 0``."""
         super().validate()
         mu, temperature = self.options["mu"], self.options["temperature"]
         if not (mu >= 0 and math.isfinite(mu)):
