@@ -96,7 +96,7 @@ def _cmd_partition(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from .runtime import main_run
 
-    return main_run(args, comm=getattr(args, "comm", None))
+    return main_run(args, comm=args.comm)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

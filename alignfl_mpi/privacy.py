@@ -197,10 +197,18 @@ def _rdp_kwargs(accountant: str, sample_rates: list[float]) -> dict[str, Any]:
     return {"alphas": RDP_ALPHAS_FULL_BATCH if max(sample_rates) >= 1 else RDP_ALPHAS}
 
 
-def _accountant_epsilon(accountant: Any, delta: float) -> float:
-    kwargs = _rdp_kwargs(accountant.mechanism(), [q for _, q, _ in accountant.history])
+@contextlib.contextmanager
+def _quiet_accounting() -> Iterator[None]:
+    """Opacus's accountants at extreme orders: log(0) and the largest-alpha warning are
+    expected there (the order is then not the optimum), not errors."""
     with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        yield
+
+
+def _accountant_epsilon(accountant: Any, delta: float) -> float:
+    kwargs = _rdp_kwargs(accountant.mechanism(), [q for _, q, _ in accountant.history])
+    with _quiet_accounting():
         return float(accountant.get_epsilon(delta=delta, **kwargs))
 
 
@@ -216,7 +224,7 @@ def _rdp_per_step(sample_rate: float, noise_multiplier: float,
     """
     from opacus.accountants.analysis.rdp import compute_rdp
 
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with _quiet_accounting():
         vector = compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
                              orders=list(alphas))
     vector.setflags(write=False)
@@ -229,8 +237,7 @@ def _rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float
 
     alphas = _rdp_kwargs("rdp", [q for _, q, _ in history])["alphas"]
     rdp = sum([_rdp_per_step(q, sigma, tuple(alphas)) * steps for sigma, q, steps in history])
-    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+    with _quiet_accounting():
         eps, _ = get_privacy_spent(orders=alphas, rdp=rdp, delta=delta)
     return float(eps)
 
@@ -283,8 +290,7 @@ def calibrate_noise(*, epsilon: float, delta: float, sample_rate: float, steps: 
     from opacus.accountants.utils import get_noise_multiplier
 
     try:
-        with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        with _quiet_accounting():
             return float(get_noise_multiplier(
                 target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
                 steps=steps, accountant=accountant,

@@ -47,6 +47,7 @@ __all__ = [
     "Transport",
     "comm_world",
     "finalize_abort",
+    "gentle_barrier",
     "node_local",
     "world_info",
 ]
@@ -99,7 +100,7 @@ class Received:
 POLL_INTERVAL_S = 0.005
 
 
-def _gentle_barrier(comm: MPI.Comm, poll_interval: float = POLL_INTERVAL_S) -> None:
+def gentle_barrier(comm: MPI.Comm, poll_interval: float = POLL_INTERVAL_S) -> None:
     """A barrier that sleeps between polls (``Ibarrier`` and ``Test``) instead of spinning."""
     request = comm.Ibarrier()
     while not request.Test():
@@ -352,7 +353,7 @@ def node_local(comm: MPI.Comm) -> tuple[int, int]:
     The ranks first meet in a polling barrier, so that those done importing early do not
     spin in ``Split_type`` while the others still import.
     """
-    _gentle_barrier(comm)
+    gentle_barrier(comm)
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
     try:
         return local.Get_rank(), local.Get_size()

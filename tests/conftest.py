@@ -146,14 +146,17 @@ def small_runs(tmp_path_factory):
     part = tiny_partition(root / "p.h5", n_clients=2)
     steps, folders = [], {}
 
+    def step(name, cfg, out, *sets, flags=()):
+        folders[name] = out
+        steps.append({"name": name, "argv": ["run", "--config", str(cfg), *flags,
+                                             *[a for s in sets for a in ("--set", s)]]})
+
     def add(name, *sets, n_clients=2, after=""):
-        folders[name] = root / name
         cfg = write_config(root / f"{name}.toml", part, root / name, n_clients=n_clients,
                            rounds=2)
         if after:
             cfg.write_text(cfg.read_text() + after)
-        steps.append({"name": name, "argv": ["run", "--config", str(cfg),
-                                             *[a for s in sets for a in ("--set", s)]]})
+        step(name, cfg, root / name, *sets)
 
     add("bad_partition", n_clients=3)
     add("fedavg", 'strategy="fedavg"')
@@ -169,17 +172,13 @@ def small_runs(tmp_path_factory):
     (root / "dp_private").mkdir()
     cfg, out = fast_config(root / "dp_private", n_clients=2, rounds=2, output="png = false")
     cfg.write_text(cfg.read_text().replace("checkpoint = false", ""))
-    folders["dp_private"] = out
-    steps.append({"name": "dp_private", "argv": [
-        "run", "--config", str(cfg), "--set", 'client.privacy.mode="full"', "--set",
-        "client.privacy.epsilon=5", "--set",
-        f'client.private_dir="{root / "dp_private" / "private"}"']})
+    step("dp_private", cfg, out, 'client.privacy.mode="full"', "client.privacy.epsilon=5",
+         f'client.private_dir="{root / "dp_private" / "private"}"')
     (root / "progress").mkdir()
     cfg, out = fast_config(root / "progress", n_clients=2, rounds=2)
     cfg.write_text(cfg.read_text().replace("local_epochs = 1", "local_epochs = 100")
                    .replace("png = false", "png = false\nprogress_interval_s = 0.2"))
-    folders["progress"] = out
-    steps.append({"name": "progress", "argv": ["run", "--config", str(cfg), "--verbose"]})
+    step("progress", cfg, out, flags=["--verbose"])
     try:
         procs, _ = run_sequence(2, steps, root / "steps", timeout=400)
     except subprocess.TimeoutExpired as exc:
@@ -210,6 +209,8 @@ def resume_scenario(tmp_path_factory):
     7. ``no_ckpt``: client 1's private checkpoints deleted, ``--resume --rounds 4``: the job
        must end with client 1's error and record nothing (it aborts the launch: last).
     """
+    import json
+    import shutil
     import subprocess
 
     from mpi_helpers import find_mpiexec, run_sequence
@@ -258,9 +259,6 @@ def resume_scenario(tmp_path_factory):
     def same(a, b):
         return kept(a) is not None and kept(b) is not None \
             and kept(a).read_bytes() == kept(b).read_bytes()
-
-    import json
-    import shutil
 
     shutil.copy(results, tmp / "after_no_ckpt.h5")
     return {"out": out, "private": private, "procs": procs, "full": kept("full"),

@@ -115,10 +115,7 @@ class ContrastiveTerm:
 
     def __call__(self, vae: VAE, x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
         z = mu if self.kind == "mu" else representation(vae, x, kind=self.kind)
-        with torch.no_grad():
-            z_glob = representation(self.glob, x, kind=self.kind)
-            z_prev = [representation(p, x, kind=self.kind) for p in self.previous]
-        return self.weight * contrastive_loss(z, z_glob, z_prev, temperature=self.temperature)
+        return self._loss(z, x, reduction="mean")
 
     def per_sample(self, vae: VAE, x: torch.Tensor, mu: torch.Tensor,
                    logvar: torch.Tensor) -> torch.Tensor:
@@ -126,11 +123,15 @@ class ContrastiveTerm:
         no second encoder pass, so the per-sample clipping covers it (a
         :data:`~alignfl_mpi.privacy.SampleTerm`). Sample i's value reads sample i only."""
         z = mu if self.kind == "mu" else mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        return self._loss(z, x, reduction="none")
+
+    def _loss(self, z: torch.Tensor, x: torch.Tensor, *, reduction: str) -> torch.Tensor:
+        """``mu l_con`` of ``z`` against the frozen global and previous models on ``x``."""
         with torch.no_grad():
             z_glob = representation(self.glob, x, kind=self.kind)
             z_prev = [representation(p, x, kind=self.kind) for p in self.previous]
         return self.weight * contrastive_loss(z, z_glob, z_prev, temperature=self.temperature,
-                                              reduction="none")
+                                              reduction=reduction)
 
 
 class Moon(FedAvg):

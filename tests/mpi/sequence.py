@@ -26,7 +26,6 @@ import json
 import logging
 import shutil
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -34,12 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from mpi4py import MPI  # noqa: E402
 
 from alignfl_mpi import cli  # noqa: E402
-
-
-def gentle_barrier(comm):
-    request = comm.Ibarrier()
-    while not request.Test():
-        time.sleep(0.005)
+from alignfl_mpi.transport import gentle_barrier  # noqa: E402
 
 
 def perform(action):
