@@ -180,10 +180,14 @@ class RoundEvaluator:
         heldout = ref.held_out[np.sort(rng.choice(len(ref.held_out),
                                                   min(len(outliers), len(ref.held_out)),
                                                   replace=False))]
+        # The controls' in-domain images: every class, none seen by the classifier.
+        control = ref.held_in[np.sort(rng.choice(len(ref.held_in),
+                                                 min(MEMBER_SAMPLE, len(ref.held_in)),
+                                                 replace=False))]
         classifier = reference_classifier(self.partition, device=self.device)
         self.privacy = {"client": k, "outliers": outliers, "heldout": heldout,
                         "members": members, "nonmembers": same[:MEMBER_SAMPLE],
-                        "classifier": classifier}
+                        "control": control, "classifier": classifier}
         log.info("privacy measurements on client %d: %d outliers, domain classifier held-out "
                  "accuracy %.3f", k, len(outliers), classifier.heldout_accuracy)
 
@@ -250,12 +254,15 @@ class RoundEvaluator:
         if p["client"] not in state.registry or not len(images):
             return {}
         synthetic = images[labels == p["client"]].squeeze(1).cpu().numpy()
+        control = images[labels != p["client"]].squeeze(1).cpu().numpy()
         report = privacy_report(
             synthetic_outlier_client=synthetic,
             recon_outliers_global=reconstruct(state.vae, p["outliers"], device=self.device),
             outliers=p["outliers"], heldout_outliers=p["heldout"],
             inlier_members=p["members"], inlier_nonmembers=p["nonmembers"],
-            synthetic_all=images.squeeze(1).cpu().numpy(), classifier=p["classifier"])
+            synthetic_all=images.squeeze(1).cpu().numpy(), synthetic_control=control,
+            recon_inliers_global=reconstruct(state.vae, p["control"], device=self.device),
+            classifier=p["classifier"])
         return {k: float(v) for k, v in report.items()}
 
     @torch.no_grad()

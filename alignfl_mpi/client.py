@@ -78,8 +78,11 @@ def new_local_state(client_id: int, cfg: ClientConfig, *, seed: int,
 def begin_round(state: LocalState, *, seed: int, round_: int) -> tuple[int, torch.Generator]:
     """The round's public seed and generator; also seeds torch's global RNG with it.
 
-    Derived from ``(seed, client, round)``, so a resumed run repeats a round exactly.
+    Derived from ``(seed, client, round)``, so a resumed run repeats a round exactly. With
+    ``fresh_optimizer`` the optimizer's state (Adam's moments and step) is cleared first.
     """
+    if state.cfg.fresh_optimizer:
+        state.optimizer.state.clear()
     rs = derive_seed(seed, Role.CLIENT_ROUND, state.client_id, round_)
     torch.manual_seed(rs)
     return rs, torch.Generator().manual_seed(rs)

@@ -165,6 +165,9 @@ class ClientConfig:
             round (the reference code; the ``paper`` preset), or ``mu``, the final
             encoder's means of the client's data. In DP modes the prior is always the
             DP fit on clipped latent means (``privacy.prior``); this key is not used.
+        fresh_optimizer: Start every round with a new Adam (zero moment estimates), as the
+            reference code does (the ``paper`` preset); false keeps the optimizer's state
+            from round to round.
         privacy: DP-SGD settings.
         lipschitz: Decoder Lipschitz regularisation.
     """
@@ -178,6 +181,7 @@ class ClientConfig:
     kl_weight: float = 1.0
     prior_components: int = 10
     prior_fit_on: str = "mu"
+    fresh_optimizer: bool = False
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     lipschitz: LipschitzConfig = field(default_factory=LipschitzConfig)
 
@@ -206,6 +210,8 @@ class ServerConfig:
         lr: Adam learning rate of the global VAE.
         kl_weight: KL weight of the global VAE (on the KL summed over the latent dims;
             the reference's 0.1 on the averaged KL is ``0.1 / latent_dim``).
+        fresh_optimizer: Train the global VAE with a new Adam every round, as the
+            reference code does (the ``paper`` preset); false keeps its state.
         round_deadline_s: Seconds to wait for client updates each round; 0 waits for all.
             A client that misses it is a straggler and its stored decoder is used.
         max_message_mb: Largest accepted message; larger ones are rejected.
@@ -232,6 +238,7 @@ class ServerConfig:
     batch_size: int = 128
     lr: float = 1e-3
     kl_weight: float = 1.0
+    fresh_optimizer: bool = False
     round_deadline_s: float = 0.0
     max_message_mb: float = 64.0
     final_drain_s: float = 60.0

@@ -481,6 +481,8 @@ def privacy_report(
     inlier_members: ImageArray | None = None,
     inlier_nonmembers: ImageArray | None = None,
     synthetic_all: ImageArray | None = None,
+    synthetic_control: ImageArray | None = None,
+    recon_inliers_global: ImageArray | None = None,
     classifier: DomainClassifier | None = None,
 ) -> dict[str, float]:
     """All privacy measurements that the given inputs allow, as one flat dict.
@@ -494,6 +496,11 @@ def privacy_report(
     * ``survival_recon_client`` / ``survival_recon_global``: the same for the
       reconstructions of the injected outliers through that client's VAE and through
       the global VAE.
+    * ``survival_synthetic_control``: the same share for the synthetic samples of the
+      clients that hold no outliers, and ``survival_recon_control`` for in-domain test
+      images reconstructed through the global VAE. They are the classifier's false-positive
+      rate on generated in-domain images (blurry digits read as outlier domain): outlier
+      survival means something only where it exceeds its control.
     * ``dcr_outliers``, ``dcr_heldout``, ``dcr_ratio``, ``dcr_closer_share``:
       :func:`dcr_ratio` of the outlier client's synthetic samples.
     * ``mia_auc_outliers``: :func:`membership_auc` with generated = the outlier
@@ -511,6 +518,8 @@ def privacy_report(
         inlier_members: In-domain training images of the outlier client.
         inlier_nonmembers: In-domain test images.
         synthetic_all: The pooled synthetic data of all clients.
+        synthetic_control: Synthetic samples of the clients without outliers.
+        recon_inliers_global: In-domain test images reconstructed by the global VAE.
         classifier: From :func:`train_domain_classifier`.
 
     Returns:
@@ -522,8 +531,10 @@ def privacy_report(
         for key, images in (("survival_synthetic", synthetic_outlier_client),
                             ("survival_synthetic_all", synthetic_all),
                             ("survival_recon_client", recon_outliers_client),
-                            ("survival_recon_global", recon_outliers_global)):
-            if images is not None:
+                            ("survival_recon_global", recon_outliers_global),
+                            ("survival_synthetic_control", synthetic_control),
+                            ("survival_recon_control", recon_inliers_global)):
+            if images is not None and len(images):
                 report[key] = outlier_survival(classifier, images)
     if synthetic_outlier_client is not None:
         if outliers is not None and heldout_outliers is not None:

@@ -95,7 +95,9 @@ QUALITY = (("fid_lenet", "FID-LeNet"), ("precision", "precision"), ("recall", "r
            ("density", "density"), ("coverage", "coverage"),
            ("class_coverage", "class coverage"), ("fake_classifier_entropy", "entropy"))
 PRIVACY = (("eval", "survival_synthetic", "survival synthetic"),
+           ("eval", "survival_synthetic_control", "survival control"),
            ("eval", "survival_recon_global", "survival global recon"),
+           ("eval", "survival_recon_control", "global recon control"),
            ("clients", "survival_recon_client", "survival client recon"),
            ("eval", "dcr_ratio", "DCR ratio"), ("eval", "mia_auc_outliers", "MIA AUC outliers"),
            ("eval", "mia_auc_inliers", "MIA AUC inliers"),

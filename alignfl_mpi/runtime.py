@@ -742,17 +742,20 @@ class Server:
     def _check_resumed_config(self) -> None:
         """Refuse ``--resume`` with settings other than the run's own (``rounds`` may grow).
 
+        A key that the stored config lacks was added to alignfl_mpi after the run started;
+        it compares as its built-in default, which is the behaviour the run had.
+
         Raises:
             ConfigError: A key differs from the config stored in the results file.
         """
         if not self.results_path.exists():
             return
 
-        stored = _flatten(load(self.results_path).config)
-        now = _flatten(json.loads(to_json(self.cfg)))  # as stored: tuples become lists
-        changed = [k for k in sorted(set(stored) | set(now))
-                   if stored.get(k) != now.get(k) and not _may_change_on_resume(k)]
+        stored_cfg = load(self.results_path).config
+        now_cfg = json.loads(to_json(self.cfg))  # as stored: tuples become lists
+        changed = changed_settings(stored_cfg, now_cfg)
         if changed:
+            stored, now = _flatten(stored_cfg), _flatten(now_cfg)
             shown = ", ".join(f"{k} ({now.get(k)!r} now, {stored.get(k)!r} stored)"
                               for k in changed[:4])
             more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
@@ -1185,6 +1188,36 @@ RESUME_MAY_CHANGE = ("rounds", "data.data_root", "data.partition", "output.", "s
                      "client.private_dir")
 """Config keys (prefixes) that a resumed run may set differently: where things are and how
 long to wait, never what is computed."""
+
+
+def changed_settings(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The flattened config keys whose values differ between a run's stored config and
+    ``now``, less those that may change on resume.
+
+    A key that ``stored`` lacks (added to alignfl_mpi after that run started) compares as
+    its built-in default: the behaviour the run had. Per-client keys
+    (``clients.N.key``) default to ``client.key``.
+
+    >>> now = json.loads(to_json(RunConfig()))
+    >>> old = json.loads(to_json(RunConfig())); del old["client"]["fresh_optimizer"]
+    >>> changed_settings(old, now)
+    []
+    >>> now["client"]["fresh_optimizer"] = True
+    >>> changed_settings(old, now)
+    ['client.fresh_optimizer']
+    """
+    flat_stored, flat_now = _flatten(stored), _flatten(now)
+    defaults = _flatten(json.loads(to_json(RunConfig())))
+
+    def default(key: str) -> Any:
+        parts = key.split(".")
+        if parts[0] == "clients" and len(parts) > 2:
+            return defaults.get(".".join(["client", *parts[2:]]))
+        return defaults.get(key)
+
+    return [k for k in sorted(set(flat_stored) | set(flat_now))
+            if flat_stored.get(k, default(k)) != flat_now.get(k)
+            and not _may_change_on_resume(k)]
 
 
 def _may_change_on_resume(key: str) -> bool:

@@ -124,6 +124,7 @@ def test_dp_and_lipschitz_runs_record_privacy(real_runs, setting):
         assert ((res.clients[0]["survival_recon_client"] >= 0)
                 & (res.clients[0]["survival_recon_client"] <= 1)).all()
     for key in ("survival_synthetic", "survival_recon_global", "dcr_ratio", "mia_auc_outliers",
-                "mia_auc_inliers", "classifier_accuracy"):
+                "mia_auc_inliers", "classifier_accuracy", "survival_synthetic_control",
+                "survival_recon_control"):
         assert np.isfinite(res.eval[key]).all(), key
     assert (res.eval["classifier_accuracy"] > 0.95).all()

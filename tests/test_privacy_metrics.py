@@ -175,6 +175,9 @@ def test_privacy_report_omits_what_it_was_not_given(
     assert privacy_report() == {}
     only_survival = privacy_report(classifier=classifier, synthetic_outlier_client=halves["test1"])
     assert set(only_survival) == {"classifier_accuracy", "survival_synthetic"}
+    # An empty control (no client without outliers) is omitted, not scored as 0 or NaN.
+    empty = privacy_report(classifier=classifier, synthetic_control=halves["test1"][:0])
+    assert set(empty) == {"classifier_accuracy"}
     assert only_survival["survival_synthetic"] > 0.95
     no_classifier = privacy_report(synthetic_outlier_client=domain["independent"],
                                    outliers=domain["members"],
@@ -193,15 +196,20 @@ def test_privacy_report_with_every_input(classifier: DomainClassifier,
         recon_outliers_global=halves["test0"][:50], outliers=outliers,
         heldout_outliers=heldout, inlier_members=halves["train0"][:100],
         inlier_nonmembers=halves["test0"][100:200], synthetic_all=halves["test0"][:150],
+        synthetic_control=halves["test0"][150:250], recon_inliers_global=halves["test1"][:80],
         classifier=classifier)
     assert set(report) == {
         "classifier_accuracy", "survival_synthetic", "survival_synthetic_all",
-        "survival_recon_client", "survival_recon_global", "dcr_outliers", "dcr_heldout",
+        "survival_recon_client", "survival_recon_global", "survival_synthetic_control",
+        "survival_recon_control", "dcr_outliers", "dcr_heldout",
         "dcr_ratio", "dcr_closer_share", "mia_auc_outliers", "mia_auc_inliers"}
     assert all(type(v) is float for v in report.values())
     assert report["survival_synthetic"] == pytest.approx(0.5, abs=0.05)
     assert report["survival_recon_client"] > 0.95 and report["survival_recon_global"] < 0.05
     assert report["survival_synthetic_all"] < 0.05
+    # Each control is scored on its own images: in-domain ones here, outlier-domain there.
+    assert report["survival_synthetic_control"] < 0.05
+    assert report["survival_recon_control"] > 0.95
     assert report["dcr_ratio"] < 0.5 and report["mia_auc_outliers"] > 0.9
 
 

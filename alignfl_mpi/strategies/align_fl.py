@@ -127,7 +127,10 @@ class AlignFL(Strategy):
             return loss, {"loss": loss, "recon": rec, "kl": kl}
 
         vae.train()
-        history = train_minibatches(self._global_optimizer(server), n, loss_fn,
+        optimizer = self._global_optimizer(server)
+        if s.fresh_optimizer:  # a new Adam every round, as the reference code
+            optimizer.state.clear()
+        history = train_minibatches(optimizer, n, loss_fn,
                                     epochs=s.epochs, batch_size=s.batch_size,
                                     generator=torch.Generator().manual_seed(rs),
                                     skip_nonfinite=True)
