@@ -20,7 +20,7 @@ import torch
 from .arrays import state_arrays
 from .lipschitz import Penalty, make_penalty
 from .models import CONDITIONAL_CLASSES, VAE, build_vae, latent_means, model_spec, vae_loss
-from .prior import GaussianMixturePrior, fit_gmm
+from .prior import GaussianMixturePrior, fit_gmm, fit_gmm_sklearn
 from .privacy import LOCAL_ONLY_METRICS
 from .seeds import Role, derive_seed
 from .training import train_minibatches
@@ -154,12 +154,15 @@ def fit_prior(state: LocalState, data: torch.Tensor, *, seed: int,
 
     With ``prior_fit_on = "z"`` (and ``posterior`` collected during the round's training,
     as the reference code does) on one reparameterised sample per training step and
-    image; with ``"mu"`` on the final encoder's latent means of ``data``.
+    image; with ``"mu"`` on the final encoder's latent means of ``data``. Fitted by
+    ``prior_fitter``: scikit-learn as the reference code, or alignfl_mpi's EM.
     """
     if state.cfg.prior_fit_on == "z" and posterior:
         latents = reparameterised_samples(posterior, seed=seed)
     else:
         latents = latent_means(state.vae, data, device=state.device, labels=labels)
+    if state.cfg.prior_fitter == "sklearn":
+        return fit_gmm_sklearn(latents, n_components=state.cfg.prior_components)
     return fit_gmm(latents, n_components=state.cfg.prior_components, seed=seed)
 
 

@@ -165,6 +165,10 @@ class ClientConfig:
             round (the reference code; the ``paper`` preset), or ``mu``, the final
             encoder's means of the client's data. In DP modes the prior is always the
             DP fit on clipped latent means (``privacy.prior``); this key is not used.
+        prior_fitter: How the prior's GMM is fitted (without DP): ``sklearn``, scikit-learn's
+            ``GaussianMixture(covariance_type="diag", random_state=42)`` as in the
+            reference code (the ``paper`` preset), or ``em``, alignfl_mpi's own EM
+            (k-means++ seeding from the round's seed, variance floor 1e-4).
         fresh_optimizer: Start every round with a new Adam (zero moment estimates), as the
             reference code does (the ``paper`` preset); false keeps the optimizer's state
             from round to round.
@@ -181,6 +185,7 @@ class ClientConfig:
     kl_weight: float = 1.0
     prior_components: int = 10
     prior_fit_on: str = "mu"
+    prior_fitter: str = "em"
     fresh_optimizer: bool = False
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     lipschitz: LipschitzConfig = field(default_factory=LipschitzConfig)
@@ -476,6 +481,7 @@ DEFAULT_PRESET = "paper"
 """The preset ``alignfl-mpi run`` starts from when ``--preset`` is not given."""
 
 PRIOR_FIT_ON = ("z", "mu")
+PRIOR_FITTERS = ("em", "sklearn")
 
 
 def available_presets() -> list[str]:
@@ -526,11 +532,14 @@ def load_config(path: str | os.PathLike | None = None, *,
 
 
 def check_prior_fit(cfg: RunConfig) -> None:
-    """Refuse an unknown ``prior_fit_on`` (client defaults and per-client overrides)."""
+    """Refuse an unknown ``prior_fit_on`` or ``prior_fitter`` (client defaults and
+    per-client overrides)."""
     for k in range(cfg.n_clients):
         where = f"clients[{k}]" if cfg.clients else "client"
         _check_choice(f"{where}.prior_fit_on", cfg.client_config(k).prior_fit_on,
                       PRIOR_FIT_ON)
+        _check_choice(f"{where}.prior_fitter", cfg.client_config(k).prior_fitter,
+                      PRIOR_FITTERS)
 
 
 def _positive(where: str, value: float, *, allow_zero: bool = False) -> None:

@@ -1,6 +1,7 @@
 """Diagonal Gaussian-mixture latent prior: fit (EM), sample, array round-trip.
 
-A client fits :func:`fit_gmm` to the posterior means of its private data and
+A client fits :func:`fit_gmm` (or :func:`fit_gmm_sklearn`, the reference code's fit) to
+latents of its private data and
 shares the resulting :class:`GaussianMixturePrior` with its decoder; the server
 validates it with :meth:`GaussianMixturePrior.from_arrays` and draws latents
 from it with :meth:`GaussianMixturePrior.sample`.
@@ -20,7 +21,10 @@ from alignfl_mpi.errors import MessageError
 #: Extra prior array of a conditional decoder: its label distribution ``(n_classes,)``.
 CLASS_WEIGHTS = "class_weights"
 
-__all__ = ["GaussianMixturePrior", "fit_gmm", "standard_normal_prior"]
+__all__ = ["GaussianMixturePrior", "fit_gmm", "fit_gmm_sklearn", "standard_normal_prior"]
+
+#: ``random_state`` of the reference code's ``GaussianMixture`` (every client, every round).
+SKLEARN_RANDOM_STATE = 42
 
 ARRAY_KEYS = ("weights", "means", "log_vars")
 
@@ -236,6 +240,36 @@ def fit_gmm(
             break
         prev_ll = mean_ll
     return GaussianMixturePrior(weights=weights, means=means, log_vars=np.log(variances))
+
+
+def fit_gmm_sklearn(latents: np.ndarray, *, n_components: int = 10,
+                    random_state: int = SKLEARN_RANDOM_STATE) -> GaussianMixturePrior:
+    """Fit the prior as the reference code does: scikit-learn's
+    ``GaussianMixture(n_components, covariance_type="diag", random_state=42)`` with its
+    defaults (k-means initialisation, ``reg_covar`` 1e-6, ``tol`` 1e-3, 100 iterations).
+
+    K is clipped to the number of samples (scikit-learn refuses fewer samples than K).
+
+    Example:
+        >>> x = np.concatenate([np.zeros((50, 2)), np.full((50, 2), 5.0)])
+        >>> p = fit_gmm_sklearn(x, n_components=2)
+        >>> sorted(np.round(p.means[:, 0], 3).tolist()), np.round(p.weights, 3).tolist()
+        ([0.0, 5.0], [0.5, 0.5])
+    """
+    from sklearn.mixture import GaussianMixture
+
+    x = np.asarray(latents, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
+        raise ValueError(f"latents must have shape (N, D) with N, D >= 1, got {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("latents contain NaN or infinite values")
+    if n_components < 1:
+        raise ValueError(f"need n_components >= 1, got {n_components}")
+    gm = GaussianMixture(n_components=min(n_components, x.shape[0]), covariance_type="diag",
+                         random_state=random_state).fit(x)
+    weights = np.asarray(gm.weights_, dtype=np.float64)
+    return GaussianMixturePrior(weights=weights / weights.sum(), means=np.asarray(gm.means_),
+                                log_vars=np.log(np.asarray(gm.covariances_)))
 
 
 def _kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:

@@ -52,6 +52,7 @@ def test_paper_presets_hold_the_reference_codes_settings(latent_dim, name):
     assert c.kl_weight == s.kl_weight == pytest.approx(0.1 / latent_dim)
     assert c.prior_fit_on == "z" and c.prior_components == 10
     assert c.fresh_optimizer and s.fresh_optimizer  # a new Adam every round
+    assert c.prior_fitter == "sklearn"  # GaussianMixture(diag, random_state=42)
     assert (c.local_epochs, c.batch_size, c.lr) == (10, 128, 1e-3)
     assert (s.epochs, s.samples_per_client, s.batch_size, s.lr) == (5, 1000, 128, 1e-3)
     assert cfg.n_clients == 5 and cfg.data.scheme == "class-pairs" and cfg.data.outliers == 600
@@ -62,7 +63,7 @@ def test_classic_is_the_builtin_default_and_differs_from_paper_in_the_named_sett
     classic, paper = load_config(preset="classic"), load_config(preset="paper")
     assert classic == load_config()
     diff = {k for k, v in to_dict(paper.client).items() if to_dict(classic.client)[k] != v}
-    assert diff == {"kl_weight", "prior_fit_on", "fresh_optimizer"}
+    assert diff == {"kl_weight", "prior_fit_on", "prior_fitter", "fresh_optimizer"}
     assert (classic.server.epochs, classic.server.kl_weight) == (10, 1.0)
     assert not classic.client.fresh_optimizer and not classic.server.fresh_optimizer
 

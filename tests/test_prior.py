@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -9,7 +10,12 @@ import pytest
 import torch
 
 from alignfl_mpi.errors import MessageError
-from alignfl_mpi.prior import GaussianMixturePrior, fit_gmm, standard_normal_prior
+from alignfl_mpi.prior import (
+    GaussianMixturePrior,
+    fit_gmm,
+    fit_gmm_sklearn,
+    standard_normal_prior,
+)
 
 TRUE_MEANS = np.array([[-5.0, 0.0], [5.0, 5.0], [0.0, -6.0]])
 TRUE_WEIGHTS = np.array([0.2, 0.3, 0.5])
@@ -232,8 +238,42 @@ def test_prior_fit_on_z_uses_the_reparameterised_samples_of_every_step() -> None
     posterior = [(torch.zeros(64, 2), torch.zeros(64, 2))] * 2
     z = reparameterised_samples(posterior, seed=1)
     assert z.shape == (128, 2) and abs(float(z.std()) - 1.0) < 0.15
-    direct = fit_prior(state_z, data, seed=1, posterior=posterior)
-    np.testing.assert_array_equal(direct.means, fit_gmm(z, n_components=10, seed=1).means)
+    direct = fit_prior(state_z, data, seed=1, posterior=posterior)  # paper: scikit-learn's fit
+    np.testing.assert_array_equal(direct.means, fit_gmm_sklearn(z, n_components=10).means)
+    em = dataclasses.replace(state_z, cfg=dataclasses.replace(state_z.cfg, prior_fitter="em"))
+    own = fit_prior(em, data, seed=1, posterior=posterior)
+    np.testing.assert_array_equal(own.means, fit_gmm(z, n_components=10, seed=1).means)
+    assert not np.array_equal(own.means, direct.means)
+
+
+def test_sklearn_fit_is_the_reference_codes_gaussian_mixture() -> None:
+    from sklearn.mixture import GaussianMixture
+
+    x = three_clusters(n=2000, seed=3)
+    ref = GaussianMixture(n_components=10, covariance_type="diag", random_state=42).fit(x)
+    prior = fit_gmm_sklearn(x, n_components=10)
+    # the prior stores float32 arrays
+    np.testing.assert_allclose(prior.weights, ref.weights_, rtol=1e-6)
+    np.testing.assert_array_equal(prior.means, ref.means_.astype(np.float32))
+    np.testing.assert_array_equal(prior.log_vars, np.log(ref.covariances_).astype(np.float32))
+    # the same fit whatever the caller's RNG state (random_state 42, as the reference)
+    np.random.seed(7)
+    torch.manual_seed(7)
+    np.testing.assert_array_equal(fit_gmm_sklearn(x, n_components=10).means, prior.means)
+    # fewer samples than components: K is clipped, as fit_gmm does
+    few = fit_gmm_sklearn(x[:4], n_components=10)
+    assert few.n_components == 4 and np.isclose(few.weights.sum(), 1.0)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        fit_gmm_sklearn(np.array([[0.0, np.nan]]))
+
+
+def test_unknown_prior_fitter_is_refused_in_one_line() -> None:
+    from alignfl_mpi.config import load_config
+    from alignfl_mpi.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="prior_fitter") as err:
+        load_config(overrides=['client.prior_fitter="kmeans"'])
+    assert "\n" not in str(err.value)
 
 
 def test_prior_fit_on_z_is_reproducible_for_a_resumed_round() -> None:
