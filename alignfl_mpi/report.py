@@ -108,6 +108,9 @@ GLOBAL_SAMPLE_ROWS = 2
 SAMPLE_SEED = 0
 OUTLIER_POINTS = 300
 PRIVACY_PANELS = ("survival_synthetic", "mia_auc_outliers")
+#: Panels of ``privacy_utility.png`` drawn with their control (dashed): the same share for
+#: the clients without outliers, the domain classifier's false-positive rate.
+PANEL_CONTROLS = {"survival_synthetic": "survival_synthetic_control"}
 #: Config keys that do not make two runs different settings (besides ``seed``).
 NOT_A_SETTING = ("seed", "output", "data.data_root")
 
@@ -735,8 +738,10 @@ def _privacy_utility(runs: Sequence[_Run], path: Path, notes: list[str]) -> Path
         raise _Skip("privacy_utility.png skipped: the runs do not differ in recorded ε "
                     "or in λ_lip (client.lipschitz.weight)")
     final = {m: [_last(r.results.eval.get(m)) for r in runs]
-             for m in ("latent_accuracy", *PRIVACY_PANELS)}
+             for m in ("latent_accuracy", "global_fid_lenet", *PRIVACY_PANELS)}
     metrics = [m for m, v in final.items() if any(x is not None for x in v)]
+    controls = {m: [_last(r.results.eval.get(c)) for r in runs]
+                for m, c in PANEL_CONTROLS.items()}
     if not metrics:
         raise _Skip("privacy_utility.png skipped: no run has a final latent_accuracy, "
                     "survival_synthetic or mia_auc_outliers")
@@ -747,7 +752,7 @@ def _privacy_utility(runs: Sequence[_Run], path: Path, notes: list[str]) -> Path
         for col, metric in enumerate(metrics):
             ax = axes[row * len(metrics) + col]
             _privacy_panel(ax, xs, groups, final[metric], group_label=group_label,
-                           epsilon_axis=param == "epsilon")
+                           epsilon_axis=param == "epsilon", controls=controls.get(metric))
             ax.set_xlabel("ε spent (recorded; ∞: no DP)" if param == "epsilon" else "λ_lip")
             ax.set_ylabel(f"final {metric}")
             ax.grid(alpha=0.3)
@@ -756,8 +761,9 @@ def _privacy_utility(runs: Sequence[_Run], path: Path, notes: list[str]) -> Path
 
 def _privacy_panel(ax: Any, xs: Sequence[float | None], groups: Sequence[float | None],
                    ys: Sequence[float | None], *, group_label: str,
-                   epsilon_axis: bool) -> None:
-    """Points and mean lines of ``ys`` against ``xs``, one line per group value.
+                   epsilon_axis: bool, controls: Sequence[float | None] | None = None) -> None:
+    """Points and mean lines of ``ys`` against ``xs``, one line per group value; the
+    ``controls`` of the same runs, if any, as dashed lines of the same colours.
 
     On the ε axis (log scale) ∞ sits a decade right of the largest finite ε; a λ_lip
     axis whose positive values span two decades or more is symlog.
@@ -777,6 +783,12 @@ def _privacy_panel(ax: Any, xs: Sequence[float | None], groups: Sequence[float |
         label = f"{group_label} = {'∞' if g == math.inf else f'{g:g}'}"
         ax.plot(px, means, marker="o", color=f"C{i}", label=label)
         ax.scatter(*zip(*pts), s=12, color=f"C{i}", alpha=0.5)
+        ctl = [(pos[x], c) for x, gg, c in zip(xs, groups, controls or [])
+               if gg == g and x is not None and c is not None]
+        if ctl:
+            cx = sorted({p for p, _ in ctl})
+            ax.plot(cx, [np.mean([c for p, c in ctl if p == x]) for x in cx], ls="--",
+                    lw=1, color=f"C{i}", label=f"{label}, control")
     ticks = sorted(set(pos.values()))
     if epsilon_axis:
         ax.set_xscale("log")
@@ -786,9 +798,6 @@ def _privacy_panel(ax: Any, xs: Sequence[float | None], groups: Sequence[float |
     ax.set_xticks(ticks, ["∞" if t == inf_at and math.inf in pos else f"{t:g}"
                           for t in ticks])
     ax.legend(fontsize="small")
-
-
-# ------------------------------------------------------------------------- report
 
 
 # ------------------------------------------------------------------------- report

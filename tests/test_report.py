@@ -410,3 +410,22 @@ def test_cli_one_line_error(tmp_path, capsys, argv, message):
 
 def test_doctests():
     assert doctest.testmod(report).failed == 0
+
+
+def test_privacy_panel_draws_each_groups_control_dashed():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from alignfl_mpi.report import _privacy_panel
+
+    fig, ax = plt.subplots()
+    _privacy_panel(ax, [1.0, 8.0, math.inf, 1.0], [0.0, 0.0, 0.0, 1.0], [0.1, 0.2, 0.3, 0.4],
+                   group_label="λ_lip", epsilon_axis=True, controls=[0.05, None, 0.07, None])
+    dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert len(dashed) == 1  # group λ_lip = 1 has no control value: no dashed line
+    assert list(dashed[0].get_ydata()) == [0.05, 0.07]
+    assert list(dashed[0].get_xdata()) == [1.0, 80.0]  # ∞ a decade right of the largest ε
+    assert dashed[0].get_label() == "λ_lip = 0, control"
+    plt.close(fig)
