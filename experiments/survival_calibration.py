@@ -8,13 +8,18 @@ false-positive rate on images known to hold no outlier, next to the survival its
 
 * real in-domain test images (the held-out half the classifier never saw), blurred with
   a Gaussian filter of increasing sigma;
+  per digit class as well;
 * the synthetic samples of every client's final decoder and prior in each results file:
-  the clients without outliers are the control, the outlier client is the measurement.
+  the clients without outliers are the control, the outlier client is the measurement;
+* a run of the same configuration with ``data.outliers = 0`` (the counterfactual control:
+  the outlier client's decoder trained on its digits alone) is scored by the classifier of
+  ``--classifier-partition``, the partition with the outliers.
 
 Outlier survival means something only where the outlier client's share exceeds the
-controls'. Run by hand (it reads the partition named in each results file):
+controls'. The figure shows the samples labelled outlier domain: look at them. Run by hand
+(it reads the partition named in each results file, or ``--classifier-partition``):
 
-    python experiments/survival_calibration.py runs/privacy-sweep-mnist/*/results.h5 \\
+    python experiments/survival_calibration.py runs/sweep-mnist/*/results.h5 \\
         --samples 5000 --figure docs/figures/survival_calibration.png
 """
 
@@ -41,16 +46,26 @@ SIGMAS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
 FIGURE_PER_ROW = 16
 
 
-def blurred_rates(classifier: object, images: np.ndarray,
-                  sigmas: tuple[float, ...] = SIGMAS) -> dict[float, float]:
-    """The classifier's outlier share on ``images`` (uint8) blurred with each sigma."""
+def blurred_flags(classifier: object, images: np.ndarray,
+                  sigmas: tuple[float, ...] = SIGMAS) -> dict[float, np.ndarray]:
+    """Per sigma, which of ``images`` (uint8) blurred with it are labelled outlier domain."""
     x = torch.from_numpy(images).float().div(255.0).unsqueeze(1)
     out = {}
     for sigma in sigmas:
         blurred = x if sigma == 0 else gaussian_blur(x, kernel_size=2 * int(3 * sigma) + 1,
                                                     sigma=sigma)
-        out[sigma] = float(np.mean(classifier.predict_proba(blurred.squeeze(1)) > 0.5))
+        out[sigma] = classifier.predict_proba(blurred.squeeze(1)) > 0.5
     return out
+
+
+def print_blur_table(classifier: object, images: np.ndarray, labels: np.ndarray) -> None:
+    flags = blurred_flags(classifier, images)
+    print("| sigma | " + " | ".join(f"{s:g}" for s in flags) + " |")
+    print("| --- |" + " ---: |" * len(flags))
+    print("| all classes | " + " | ".join(f"{f.mean():.3f}" for f in flags.values()) + " |")
+    for c in np.unique(labels):
+        print(f"| class {c} | " + " | ".join(f"{f[labels == c].mean():.3f}"
+                                           for f in flags.values()) + " |")
 
 
 @torch.no_grad()
@@ -75,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", nargs="+", type=Path, help="results.h5 files")
     parser.add_argument("--samples", type=int, default=5000, help="samples per client")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--classifier-partition", type=Path, default=None,
+                        help="partition whose reference split trains the domain classifier "
+                             "for every run (default: each run's own partition)")
     parser.add_argument("--figure", type=Path, default=None,
                         help="PNG: samples labelled outlier domain, a row per client "
                              "that has any")
@@ -84,22 +102,23 @@ def main(argv: list[str] | None = None) -> int:
     rows, grids, labels = [], [], []
     for path in args.results:
         res = load(path)
-        partition = str(res.attrs.get("partition", ""))
+        partition = str(args.classifier_partition or res.attrs.get("partition", ""))
         if not Path(partition).is_file():
             print(f"{path}: partition {partition!r} not found; skipped", file=sys.stderr)
             continue
         if partition not in classifiers:
-            classifiers[partition] = reference_classifier(partition, device=cpu)
             ref = reference_split(partition)
+            if ref is None:
+                print(f"{path}: partition {partition} has no outlier domain; pass "
+                      "--classifier-partition", file=sys.stderr)
+                continue
+            classifiers[partition] = reference_classifier(partition, device=cpu)
             clf = classifiers[partition]
             print(f"## {Path(partition).name}: domain classifier held-out balanced accuracy "
                   f"{clf.heldout_accuracy:.4f}")
             print("\nReal in-domain test images (held-out half), Gaussian blur sigma → "
                   "share labelled outlier domain:\n")
-            rates = blurred_rates(clf, ref.held_in)
-            print("| sigma | " + " | ".join(f"{s:g}" for s in rates) + " |")
-            print("| --- |" + " ---: |" * len(rates))
-            print("| outlier share | " + " | ".join(f"{r:.3f}" for r in rates.values()) + " |")
+            print_blur_table(clf, ref.held_in, ref.held_in_labels)
             print()
         clf = classifiers[partition]
         outlier_client = int(res.attrs.get("outlier_client",
