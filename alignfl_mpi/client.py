@@ -54,6 +54,18 @@ class LocalState:
                 "vae": self.vae.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "extra": self.extra}
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a checkpoint (or a spill) must keep to go on bit for bit: :meth:`state_dict`,
+        less the optimizer's per-parameter state (Adam's moments and step) when
+        ``fresh_optimizer`` clears it at the start of the next round anyway
+        (:func:`begin_round`); the optimizer's settings stay. With the ``paper`` VAE that
+        is 4.5 of the 13.6 MB.
+        """
+        state = self.state_dict()
+        if self.cfg.fresh_optimizer:
+            state["optimizer"] = {**state["optimizer"], "state": {}}
+        return state
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.vae.load_state_dict(state["vae"])
         self.optimizer.load_state_dict(state["optimizer"])

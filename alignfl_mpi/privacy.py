@@ -547,7 +547,7 @@ class PrivacyLedger:
         return cls(**{k: v for k, v in stored.items() if k in cls.__dataclass_fields__})
 
     def to_extra(self, extra: dict[str, Any]) -> None:
-        """Store the ledger in ``extra`` (picklable and ``torch.load(weights_only=True)``-safe)."""
+        """Store the ledger in ``extra`` (plain lists and floats: a pickle-free checkpoint)."""
         extra[EXTRA_KEY] = asdict(self)
 
     def plan_for(self, cfg: PrivacyConfig, *, n_samples: int, batch_size: int,

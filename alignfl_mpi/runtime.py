@@ -44,7 +44,13 @@ import torch
 from . import __version__
 from .arrays import images_to_tensor, to_uint8_images
 from .assess import RoundEvaluator, client_outlier_survival, reference_classifier
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    save_raw_checkpoint,
+    set_rng_state,
+)
 from .client import LocalState, SharedUpdate, new_local_state
 from .config import DEFAULT_PRESET, RunConfig, load_config, participants_per_round, to_json
 from .datasets import data_root as resolve_data_root
@@ -484,7 +490,7 @@ class ClientLoop:
             victim = next(c for c in self.resident if c != keep)
             slot = self.slots[victim]
             assert slot.state is not None
-            save_checkpoint(slot.ckpt_dir / SPILL_NAME, slot.state.state_dict())
+            save_raw_checkpoint(slot.ckpt_dir / SPILL_NAME, slot.state.checkpoint_state())
             slot.state, slot.spilled = None, True
             self.resident.remove(victim)
             total -= slot.nbytes
@@ -521,7 +527,8 @@ class ClientLoop:
         slot = self.slot
         assert slot.state is not None
         done = slot.state.rounds_done
-        save_checkpoint(slot.ckpt_dir / f"round_{done:04d}.ckpt", slot.state.state_dict())
+        save_raw_checkpoint(slot.ckpt_dir / f"round_{done:04d}.ckpt",
+                            slot.state.checkpoint_state())
         for old in sorted(slot.ckpt_dir.glob("round_*.ckpt"))[:-2]:
             old.unlink()
 

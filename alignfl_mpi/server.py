@@ -6,16 +6,19 @@ round's synthetic pool from them (prior -> decoder, labelled with the client id)
 ``samples_per_client`` images per stored decoder, or, with ``server.pool_size`` > 0, a
 pool of that total size split over the stored decoders by ``server.pool_weighting``
 (:func:`pool_shares`), so that the server's cost per round does not grow with the number
-of clients. What a strategy does with the pool (ALIGN-FL
-trains the global VAE on it; the averaging strategies only evaluate it) and any state of
-its own live in :mod:`alignfl_mpi.strategies`.
+of clients. The registry (:class:`DecoderRegistry`) keeps the plain MLP decoders' parameters
+stacked in a :class:`~alignfl_mpi.decoder_bank.DecoderBank`, so that :func:`draw_pool`
+decodes them in batches rather than one module call per decoder. What a strategy does with
+the pool (ALIGN-FL trains the global VAE on it; the averaging strategies only evaluate it)
+and any state of its own live in :mod:`alignfl_mpi.strategies`.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
@@ -24,6 +27,7 @@ import numpy as np
 import torch
 
 from .arrays import arrays_to_state, state_arrays
+from .decoder_bank import DecoderBank, Slot, decode_into
 from .errors import AlignFLError, MessageError
 from .models import ModelSpec, build_decoder, build_vae, decoder_state_shapes, model_spec
 from .prior import CLASS_WEIGHTS, GaussianMixturePrior
@@ -58,6 +62,84 @@ class DecoderEntry:
         n_classes = self.spec.n_classes
         onehot = torch.nn.functional.one_hot(y, n_classes).float().to(device)
         return self.decoder(torch.cat([z, onehot], dim=1)), y
+
+
+@dataclass(frozen=True, eq=False)
+class _Tables:
+    """A stored decoder's prior (and label distribution) as the pool draw uses them."""
+
+    prior: GaussianMixturePrior
+    class_weights: np.ndarray | None
+    cdf: torch.Tensor               # (K,) float64 cumulative mixture weights
+    means: torch.Tensor             # (K, D) float32
+    stds: torch.Tensor              # (K, D) float32, exp(log_vars / 2)
+    class_cdf: torch.Tensor | None  # (n_classes,) float64 cumulative label weights
+
+    @classmethod
+    def of(cls, entry: DecoderEntry) -> _Tables:
+        p, cw = entry.prior, entry.class_weights
+        return cls(prior=p, class_weights=cw,
+                   cdf=torch.from_numpy(np.cumsum(p.weights.astype(np.float64))),
+                   means=torch.from_numpy(p.means.copy()),
+                   stds=torch.from_numpy(np.exp(0.5 * p.log_vars)),
+                   class_cdf=None if cw is None else torch.from_numpy(np.cumsum(cw)))
+
+
+class DecoderRegistry(MutableMapping[int, DecoderEntry]):
+    """Client id -> stored decoder, a mapping whose MLP decoders live in a :class:`DecoderBank`.
+
+    Storing an entry moves its decoder's parameters into the bank (when it is a plain MLP
+    decoder), replacing or deleting one takes the old decoder out (its module keeps a copy
+    of its parameters), so the bank always holds exactly the stored decoders.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, DecoderEntry] = {}
+        self._slots: dict[int, Slot] = {}
+        self._tables: dict[int, _Tables] = {}
+        self.bank = DecoderBank()
+
+    def __getitem__(self, client_id: int) -> DecoderEntry:
+        return self._entries[client_id]
+
+    def __setitem__(self, client_id: int, entry: DecoderEntry) -> None:
+        if client_id in self._entries:
+            del self[client_id]
+        self._entries[client_id] = entry
+        slot = self.bank.add(entry.decoder)
+        if slot is not None:
+            self._slots[client_id] = slot
+
+    def __delitem__(self, client_id: int) -> None:
+        del self._entries[client_id]
+        self._tables.pop(client_id, None)
+        slot = self._slots.pop(client_id, None)
+        if slot is not None:
+            self.bank.remove(slot)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def slot(self, client_id: int) -> Slot | None:
+        """Where the client's decoder lives in the bank; None if it is not banked."""
+        return self._slots.get(client_id)
+
+    def tables(self, client_id: int) -> _Tables:
+        """The client's prior as tensors, made once per stored prior."""
+        entry = self._entries[client_id]
+        t = self._tables.get(client_id)
+        if t is None or t.prior is not entry.prior or t.class_weights is not entry.class_weights:
+            t = self._tables[client_id] = _Tables.of(entry)
+        return t
+
+    def nbytes(self) -> int:
+        """Bytes of the stored decoders' tensors: the bank's blocks and the other decoders."""
+        return self.bank.nbytes() + sum(
+            t.numel() * t.element_size() for cid, e in self._entries.items()
+            if cid not in self._slots for t in e.decoder.state_dict().values())
 
 
 def split_class_weights(model: ModelSpec, prior: dict[str, np.ndarray]
@@ -112,13 +194,18 @@ def pool_shares(weights: Mapping[int, Fraction | int], total: int) -> dict[int, 
     w = {cid: Fraction(weights[cid]) for cid in ids}
     if any(v < 0 for v in w.values()):
         raise ValueError("pool weights must be non-negative")
-    sum_w = sum(w.values(), Fraction(0))
-    if sum_w <= 0:
+    # the same exact arithmetic in integers, cheaper than Fractions at thousands of
+    # decoders: with the weights over a common denominator, quota = total * num / sum(num)
+    den = math.lcm(*(v.denominator for v in w.values()))
+    num = {cid: v.numerator * (den // v.denominator) for cid, v in w.items()}
+    sum_num = sum(num.values())
+    if sum_num <= 0:
         raise ValueError("at least one pool weight must be positive")
-    quota = {cid: total * w[cid] / sum_w for cid in ids}
-    shares = {cid: math.floor(q) for cid, q in quota.items()}
+    shares, remainder = {}, {}
+    for cid in ids:
+        shares[cid], remainder[cid] = divmod(total * num[cid], sum_num)
     left = total - sum(shares.values())
-    by_remainder = sorted(ids, key=lambda cid: (-(quota[cid] - shares[cid]), cid))
+    by_remainder = sorted(ids, key=lambda cid: (-remainder[cid], cid))
     for cid in by_remainder[:left]:
         shares[cid] += 1
     return shares
@@ -151,6 +238,133 @@ def pool_weights(registry: Mapping[int, DecoderEntry], *, weighting: str,
     if weighting == "recency":
         return {cid: Fraction(1, 1 + max(0, round_ - e.round)) for cid, e in registry.items()}
     raise ValueError(f"unknown pool weighting {weighting!r}")
+
+
+CDF_CHUNK = 1 << 22
+"""Most (image, component) comparisons held at once when picking mixture components."""
+
+
+def _inverse_cdf(cdf: torch.Tensor, owner: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Index drawn by each uniform ``u[j]`` from the distribution whose CDF is ``cdf[owner[j]]``.
+
+    The index is the number of CDF values ``<= u`` (capped at the last index, should
+    rounding leave the CDF's last value below ``u``): ``k`` with probability ``w_k``.
+
+    >>> cdf = torch.tensor([[0.25, 1.0], [0.5, 1.0]], dtype=torch.float64)
+    >>> u = torch.tensor([0.1, 0.3, 0.3, 0.99], dtype=torch.float64)
+    >>> _inverse_cdf(cdf, torch.tensor([0, 0, 1, 1]), u).tolist()
+    [0, 1, 0, 1]
+    """
+    k = torch.empty(len(u), dtype=torch.long)
+    step = max(1, CDF_CHUNK // cdf.shape[1])
+    for a in range(0, len(u), step):
+        k[a:a + step] = (u[a:a + step, None] >= cdf[owner[a:a + step]]).sum(dim=1)
+    return k.clamp_max_(cdf.shape[1] - 1)
+
+
+@torch.no_grad()
+def draw_pool(registry: DecoderRegistry, shares: Mapping[int, int], *,
+              generator: torch.Generator, device: torch.device,
+              batched: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images from the stored decoders: ``shares[c]`` from client ``c``, in the order given.
+
+    The random numbers are drawn once for the whole pool of ``M`` images, in this order,
+    whatever the decoders: ``M`` uniforms (float64) that pick each image's mixture
+    component, ``M`` uniforms that pick its class (used by conditional decoders), and an
+    ``(M, D)`` standard normal (``D`` the largest latent size) for the latent noise. Client
+    ``c``'s images are the rows ``[s_c, s_c + shares[c])`` of these, ``s_c`` the shares
+    before it; its latents are ``means[k] + stds[k] * noise[:, :latent_dim]``. The pool is
+    thus a function of the generator's state, the shares and the stored decoders, and a
+    decoder's images depend only on its own rows of the draws.
+
+    Args:
+        registry: The stored decoders.
+        shares: Client id -> number of images (> 0), in pool order.
+        generator: CPU generator of all the draws.
+        device: Where the decoders are and the images are made.
+        batched: Decode the banked MLP decoders in batched runs (see
+            :mod:`alignfl_mpi.decoder_bank`); False decodes every decoder alone with its
+            module, the reference the batched decode agrees with to float rounding.
+
+    Returns:
+        ``(images (M, C, H, W), client ids (M,), classes (M,))``; the class is -1 for
+        unconditional decoders.
+    """
+    cids = list(shares)
+    counts = [int(shares[c]) for c in cids]
+    firsts = [0, *itertools.accumulate(counts)][:-1]
+    entries = [registry[c] for c in cids]
+    m = sum(counts)
+    d_max = max(e.spec.latent_dim for e in entries)
+    u_component = torch.rand(m, generator=generator, dtype=torch.float64)
+    u_class = torch.rand(m, generator=generator, dtype=torch.float64)
+    noise = torch.randn(m, d_max, generator=generator)
+    tables = [registry.tables(c) for c in cids]
+
+    def groups(key: Callable[[int], Hashable | None]) -> list[list[int]]:
+        """Positions in ``cids`` with equal ``key(pos)`` (each alone if not batched)."""
+        if not batched:
+            return [[i] for i in range(len(cids)) if key(i) is not None]
+        out: dict[Hashable, list[int]] = {}
+        for i in range(len(cids)):
+            k = key(i)
+            if k is not None:
+                out.setdefault(k, []).append(i)
+        return list(out.values())
+
+    def rows_of(group: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(owner, rows)``: each image's position in ``group`` and its pool row."""
+        n = torch.tensor([counts[i] for i in group])
+        owner = torch.repeat_interleave(torch.arange(len(group)), n)
+        first = torch.tensor([firsts[i] for i in group]) - (torch.cumsum(n, 0) - n)
+        return owner, first[owner] + torch.arange(len(owner))
+
+    latents = torch.zeros(m, d_max)
+    for group in groups(lambda i: tuple(tables[i].means.shape)):
+        owner, rows = rows_of(group)
+        t = [tables[i] for i in group]
+        k = _inverse_cdf(torch.stack([x.cdf for x in t]), owner, u_component[rows])
+        d = t[0].means.shape[1]
+        means, stds = torch.stack([x.means for x in t]), torch.stack([x.stds for x in t])
+        latents[rows, :d] = means[owner, k] + stds[owner, k] * noise[rows, :d]
+    classes = torch.full((m,), -1, dtype=torch.long)
+    class_cdfs = [t.class_cdf for t in tables]
+    for group in groups(lambda i: None if (c := class_cdfs[i]) is None else c.shape[0]):
+        owner, rows = rows_of(group)
+        cdf = torch.stack([c for i in group if (c := class_cdfs[i]) is not None])
+        classes[rows] = _inverse_cdf(cdf, owner, u_class[rows])
+
+    images = torch.empty(m, math.prod(entries[0].spec.image_shape), device=device)
+    inputs: dict[tuple[int, int], torch.Tensor] = {}
+
+    def inputs_of(spec: ModelSpec) -> torch.Tensor:
+        """Every pool row as ``spec``'s decoder input: latents (and one-hot class)."""
+        key = (spec.latent_dim, spec.n_classes)
+        if key not in inputs:
+            x = latents[:, :spec.latent_dim]
+            if spec.n_classes:
+                # rows of other decoders (-1, or another class count) are clamped, not used
+                onehot = torch.nn.functional.one_hot(classes.clamp(0, spec.n_classes - 1),
+                                                     spec.n_classes)
+                x = torch.cat([x, onehot.float()], dim=1)
+            inputs[key] = x.to(device)
+        return inputs[key]
+
+    banked: dict[tuple[int, int], tuple[ModelSpec, list[tuple[Slot, int, int]]]] = {}
+    for i, (cid, entry) in enumerate(zip(cids, entries)):
+        slot = registry.slot(cid) if batched else None
+        spec, first, n = entry.spec, firsts[i], counts[i]
+        if slot is not None:
+            key = (spec.latent_dim, spec.n_classes)
+            banked.setdefault(key, (spec, []))[1].append((slot, first, n))
+        else:
+            x = inputs_of(spec)[first:first + n]
+            images[first:first + n] = entry.decoder(x).reshape(n, -1)
+    for spec, members in banked.values():
+        decode_into(images, inputs=inputs_of(spec), members=members)
+    labels = torch.repeat_interleave(torch.tensor(cids, dtype=torch.long),
+                                     torch.tensor(counts))
+    return images.reshape(m, *entries[0].spec.image_shape), labels, classes
 
 
 MAX_SPEC_WIDTH = 2**20
@@ -276,7 +490,7 @@ class ServerState:
         torch.manual_seed(derive_seed(cfg.seed, Role.SERVER_INIT))
         self.spec = model_spec(cfg.server.model)
         self.vae = build_vae(self.spec).to(device)
-        self.registry: dict[int, DecoderEntry] = {}
+        self.registry = DecoderRegistry()
         self.max_params = int(cfg.server.max_message_mb * 2**20) // 4
         self.last_classes = torch.empty(0, dtype=torch.long)
         self.last_evicted: list[int] = []  # decoders dropped by the last sample_synthetic
@@ -320,9 +534,10 @@ class ServerState:
         ``n_per_client`` (default ``server.samples_per_client``) images. Otherwise the pool
         holds ``pool_size`` images split by :func:`pool_shares` under
         ``server.pool_weighting``; a decoder with a share of 0 is not sampled this round.
-        The decoders are drawn in client id order from one generator seeded by
-        ``(seed, SERVER_SAMPLE, round_)``. A decoder whose draw is non-finite or outside
-        ``[0, 1]`` is evicted (:attr:`last_evicted`) and its share is left out of the pool.
+        The pool is :func:`draw_pool` of the shares in client id order, from one generator
+        seeded by ``(seed, SERVER_SAMPLE, round_)``, the MLP decoders decoded in batches.
+        A decoder whose draw is non-finite or outside ``[0, 1]`` is evicted
+        (:attr:`last_evicted`) and its share is left out of the pool.
 
         Returns:
             ``(images (M, C, H, W) float in [0, 1] on the server device, labels (M,)
@@ -338,18 +553,11 @@ class ServerState:
         if not shares:
             self.last_classes = torch.empty(0, dtype=torch.long)
             return torch.empty(0, *self.spec.image_shape), torch.empty(0, dtype=torch.long)
-        images, classes = [], []
-        for cid, n in shares.items():
-            x, y = self.registry[cid].sample(n, generator=gen, device=self.device)
-            images.append(x.reshape(n, *self.spec.image_shape))
-            classes.append(y)
-        pool = torch.cat(images)
-        labels = torch.repeat_interleave(torch.tensor(list(shares), dtype=torch.long),
-                                         torch.tensor(list(shares.values())))
-        self.last_classes = torch.cat(classes)
-        # one pass over the whole pool instead of three small reductions per decoder
-        flat = pool.reshape(len(pool), -1)
-        bad = ~torch.isfinite(flat).all(dim=1) | (flat.amin(dim=1) < 0) | (flat.amax(dim=1) > 1)
+        pool, labels, self.last_classes = draw_pool(self.registry, shares, generator=gen,
+                                                    device=self.device)
+        # one pass over the whole pool; NaN propagates into the minimum and maximum
+        lo, hi = torch.aminmax(pool.reshape(len(pool), -1), dim=1)
+        bad = ~((lo >= 0) & (hi <= 1))
         if not bool(bad.any()):
             return pool, labels
         for cid in labels[bad.cpu()].unique().tolist():
@@ -382,10 +590,11 @@ class ServerState:
     def registry_bytes(self) -> int:
         """Bytes held by the stored decoders' tensors (parameters and buffers).
 
-        The priors (a few hundred bytes each) and Python overhead are not counted.
+        The MLP decoders' parameters are counted as the bank holds them, unused slots of
+        its blocks included (at most ``decoder_bank.SLACK_SLOTS`` decoders' worth per
+        architecture); the priors (a few hundred bytes each) and Python overhead are not.
         """
-        return sum(t.numel() * t.element_size() for e in self.registry.values()
-                   for t in e.decoder.state_dict().values())
+        return self.registry.nbytes()
 
     @torch.no_grad()
     def sample_client(self, client_id: int, n: int, *, seed: int) -> torch.Tensor:

@@ -41,6 +41,21 @@ number of client ranks to keep the work per rank (samples x epochs) fixed.
     OMP_NUM_THREADS=1 python benchmarks/bench_clients.py strong weak --rounds 2 \
         --plot docs/figures/scaling.png
 
+**Checkpoint cost** (``checkpoint``, no MPI): what one client checkpoint costs a rank, as
+the runtime writes them: ``--ckpt-clients`` client states (the ``paper`` preset's VAE and
+its Adam state after one step), each checkpointed once per round for ``--ckpt-rounds``
+rounds into its own folder, the last two kept; each writer in a fresh process, in turn,
+``--repeats`` times: ``torch.save`` of ``LocalState.state_dict()`` (how clients wrote them
+before, 13.6 MB), the raw format of the same, and the raw format of
+``LocalState.checkpoint_state()`` (what ``ClientLoop`` writes now: without Adam's moments,
+which the preset's ``fresh_optimizer`` clears at the next round's start; 4.5 MB).
+It also reports what touching fresh memory costs against reusing it (a VM may charge the
+guest for memory it has not touched recently), the cost a buffered write pays when it
+grows the page cache.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_clients.py checkpoint --ckpt-clients 50 \
+        --ckpt-rounds 3 --repeats 2
+
 Every ``mpiexec`` has a timeout (``--timeout``, seconds); on expiry its process group is
 killed and the benchmark stops with the command and the last lines of its output.
 Common settings (all modes): ``data.scheme`` (``--scheme``), ``rounds``, ``local_epochs``,
@@ -75,6 +90,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from alignfl_mpi.arrays import images_to_tensor  # noqa: E402
+from alignfl_mpi.checkpoint import save_checkpoint, save_raw_checkpoint  # noqa: E402
 from alignfl_mpi.client import begin_round, fit_prior, new_local_state, train_vae  # noqa: E402
 from alignfl_mpi.config import load_config  # noqa: E402
 from alignfl_mpi.placement import place_clients  # noqa: E402
@@ -523,6 +539,103 @@ def scaling_row(rec: RunRecord, **extra: Any) -> dict[str, Any]:
             "load": rec.load}
 
 
+# --- checkpoint cost ----------------------------------------------------------------------
+WRITERS: dict[str, Any] = {
+    # how clients checkpointed before: the whole state, torch.save
+    "torch.save, state_dict": lambda path, state: save_checkpoint(path, state.state_dict()),
+    # the raw format alone
+    "raw, state_dict": lambda path, state: save_raw_checkpoint(path, state.state_dict()),
+    # what ClientLoop writes now: less Adam's moments when fresh_optimizer clears them
+    "raw, checkpoint_state": lambda path, state: save_raw_checkpoint(
+        path, state.checkpoint_state()),
+}
+
+
+def _checkpoint_worker(writer: str, n_clients: int, rounds: int, folder: str,
+                       queue: Any) -> None:
+    """Checkpoint ``n_clients`` states once per round as ``ClientLoop._save_checkpoint``
+    does (the last two kept); per round the mean CPU and wall ms per checkpoint."""
+    torch.set_num_threads(1)
+    cfg = load_config(preset="paper")
+    states = []
+    for cid in range(n_clients):
+        state = new_local_state(cid, cfg.client_config(cid), seed=0, device=torch.device("cpu"))
+        x = torch.rand(64, 1, 28, 28)
+        recon, mu, _ = state.vae(x)
+        (recon.sum() + mu.sum()).backward()
+        state.optimizer.step()  # the Adam state exists, as after a local round
+        states.append(state)
+    save = WRITERS[writer]
+    out = []
+    for r in range(rounds):
+        t0, c0 = time.perf_counter(), time.process_time()
+        for state in states:
+            own = Path(folder) / f"client_{state.client_id}"
+            save(own / f"round_{r + 1:04d}.ckpt", state)
+            for old in sorted(own.glob("round_*.ckpt"))[:-2]:
+                old.unlink()
+        out.append({"cpu_ms": (time.process_time() - c0) / n_clients * 1e3,
+                    "wall_ms": (time.perf_counter() - t0) / n_clients * 1e3})
+    size = (Path(folder) / "client_0" / f"round_{rounds:04d}.ckpt").stat().st_size
+    queue.put({"rounds": out, "mb": size / 1e6})
+
+
+def _touch_worker(mb: int, queue: Any) -> None:
+    """CPU ms per MB to fill ``mb`` MB of fresh memory, then the same again after a free."""
+    out = []
+    for _ in range(2):
+        c0 = time.process_time()
+        block = np.ones(mb * 2**20 // 8)
+        out.append((time.process_time() - c0) * 1e3 / mb)
+        del block
+    queue.put(out)
+
+
+def _in_process(target: Any, args: tuple[Any, ...], timeout: float) -> Any:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    try:
+        return queue.get(timeout=timeout)
+    finally:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
+def mode_checkpoint(args: argparse.Namespace, ws: Workspace) -> list[dict[str, Any]]:
+    rows = []
+    for rep in range(args.repeats):
+        for writer in WRITERS:
+            folder, _ = ws.next("ckpt-" + writer.replace(", ", "-").replace(".", ""))
+            res = _in_process(_checkpoint_worker, (writer, args.ckpt_clients, args.ckpt_rounds,
+                                                   str(folder)), args.timeout)
+            shutil.rmtree(folder, ignore_errors=True)
+            for r, cost in enumerate(res["rounds"]):
+                rows.append({"writer": writer, "repeat": rep, "round": r + 1, "mb": res["mb"],
+                             **cost})
+            print(f"  [{rep}] {writer}: {res['mb']:.1f} MB per checkpoint; per round "
+                  + ", ".join(f"{c['cpu_ms']:.1f}" for c in res["rounds"])
+                  + " ms cpu per checkpoint", flush=True)
+    touch = _in_process(_touch_worker, (512,), args.timeout)
+    print(f"\nCheckpoint cost: {args.ckpt_clients} client states, {args.ckpt_rounds} rounds, "
+          "one checkpoint per client and round, the last two kept\n")
+    print("| writer | MB | round | cpu ms per checkpoint | wall ms per checkpoint |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for writer in WRITERS:
+        for r in range(1, args.ckpt_rounds + 1):
+            mine = [x for x in rows if x["writer"] == writer and x["round"] == r]
+            print(f"| {writer} | {mine[0]['mb']:.1f} | {r} | "
+                  f"{statistics.median(x['cpu_ms'] for x in mine):.1f} | "
+                  f"{statistics.median(x['wall_ms'] for x in mine):.1f} |")
+    print(f"\nFilling 512 MB of fresh memory: {touch[0]:.2f} cpu ms per MB; the same again "
+          f"after freeing it: {touch[1]:.2f} cpu ms per MB")
+    rows.append({"touch_ms_per_mb": touch})
+    return rows
+
+
 def mode_strong(args: argparse.Namespace, ws: Workspace) -> list[dict[str, Any]]:
     n = args.strong_clients
     sets = overrides(n, scheme=args.scheme, rounds=args.rounds, local_epochs=args.local_epochs)
@@ -615,7 +728,8 @@ def plot(strong: list[dict[str, Any]], weak: list[dict[str, Any]], path: Path) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("modes", nargs="+", choices=["efficiency", "strong", "weak"])
+    parser.add_argument("modes", nargs="+",
+                        choices=["efficiency", "strong", "weak", "checkpoint"])
     parser.add_argument("--clients", type=int, nargs="+", default=[5, 100],
                         help="efficiency: client counts")
     parser.add_argument("--strong-clients", type=int, default=100)
@@ -625,6 +739,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients-per-rank", type=int, default=10)
     parser.add_argument("--client-ranks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--floor-procs", type=int, default=2)
+    parser.add_argument("--ckpt-clients", type=int, default=50,
+                        help="checkpoint: client states (one rank's share of 100)")
+    parser.add_argument("--ckpt-rounds", type=int, default=3)
     parser.add_argument("--scheme", default="dirichlet")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--local-epochs", type=int, default=1)
@@ -654,6 +771,8 @@ def main(argv: list[str] | None = None) -> int:
             out["strong"] = mode_strong(args, ws)
         if "weak" in args.modes:
             out["weak"] = mode_weak(args, ws)
+        if "checkpoint" in args.modes:
+            out["checkpoint"] = mode_checkpoint(args, ws)
     finally:
         ws.close()
     if args.plot and ("strong" in out or "weak" in out):

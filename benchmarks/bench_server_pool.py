@@ -12,21 +12,30 @@ hand, not in the tests:
     OMP_NUM_THREADS=1 python benchmarks/bench_server_pool.py
     OMP_NUM_THREADS=1 python benchmarks/bench_server_pool.py --decoders 10 100 1000 \
         --pool-size 5000 --epochs 1 --rounds 3 --weighting uniform
+    OMP_NUM_THREADS=1 python benchmarks/bench_server_pool.py --decoders 10 1000 --profile
+    OMP_NUM_THREADS=1 python benchmarks/bench_server_pool.py --kernels
 
 It prints, per number of decoders, the registry's memory (``registry_bytes``), the time
 ``accept`` took for all of them, and the median sampling, training and total time per
 round over ``--rounds`` rounds (after one untimed round), as wall time and as this
 process's CPU time (on a shared machine the load inflates wall times; the CPU time is
 the work), each total with its ratio to the first row's. ``--pool-size 0`` shows the
-old behaviour for contrast (``samples_per_client`` from every decoder).
+old behaviour for contrast (``samples_per_client`` from every decoder). ``--profile``
+adds, per row, the functions that took the most time in one more sampling round
+(cProfile, own time), e.g. how much of it the batched products (``torch.bmm``) are.
+``--kernels`` times those products alone, layer by layer (see :func:`kernels`).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +106,60 @@ def measure(n: int, args: argparse.Namespace) -> dict[str, float]:
         pool = len(images)
     row: dict[str, float] = {k: statistics.median(v) for k, v in times.items()}
     row.update(decoders=n, registry_bytes=server.registry_bytes(), accept_s=accept_s, pool=pool)
+    if args.profile:
+        profile = cProfile.Profile()
+        profile.runcall(server.sample_synthetic, round_=5 + args.rounds)
+        out = io.StringIO()
+        pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(8)
+        print(f"--- {n} decoders: one sampling round, by own time ---")
+        print("\n".join(line for line in out.getvalue().splitlines()
+                        if line.strip() and not line.startswith(("   Ordered", "   List"))))
     return row
+
+
+def kernels() -> None:
+    """Each layer's batched product of the paper MLP decoder for a 5000-image pool.
+
+    The same 5000 images, so the same multiply-adds, as 1000 decoders x 5 rows (what the
+    bank computes at 1000 clients: ``W @ x^T``) and as 10 decoders x 500 rows (10
+    clients: ``x @ W^T``), beside one streaming read of the 1000 decoders' weights (a sum):
+    the bound that memory traffic alone would set. Best of 3, CPU seconds.
+    """
+    spec = model_spec(load_config(preset="paper").client.model)
+    widths = [spec.decoder_input_dim, *reversed(spec.hidden), 784]
+    print(f"{'layer':>10} | {'read s':>7} | {'1000 x 5 s':>10} {'GMAC/s':>7} | "
+          f"{'10 x 500 s':>10} {'GMAC/s':>7}")
+    total = {"read": 0.0, "small": 0.0, "large": 0.0}
+    for n_in, n_out in zip(widths[:-1], widths[1:]):
+        times = layer_times(n_in, n_out)
+        macs = 5000 * n_in * n_out / 1e9
+        for key, value in times.items():
+            total[key] += value
+        print(f"{f'{n_in}->{n_out}':>10} | {times['read']:>7.3f} | {times['small']:>10.3f} "
+              f"{macs / times['small']:>7.1f} | {times['large']:>10.3f} "
+              f"{macs / times['large']:>7.1f}", flush=True)
+    print(f"{'all':>10} | {total['read']:>7.3f} | {total['small']:>10.3f} {'':>7} | "
+          f"{total['large']:>10.3f}")
+
+
+def layer_times(n_in: int, n_out: int) -> dict[str, float]:
+    """CPU seconds of one layer: read 1000 weights, 1000 x 5 rows, 10 x 500 rows."""
+    weights = torch.randn(1000, n_out, n_in)
+    x_small, x_large = torch.randn(1000, 5, n_in), torch.randn(10, 500, n_in)
+    return {"read": best_cpu(lambda: weights.sum()),
+            "small": best_cpu(lambda: torch.bmm(weights, x_small.mT)),
+            "large": best_cpu(lambda: torch.bmm(x_large, weights[:10].mT))}
+
+
+def best_cpu(fn: Callable[[], object], repeat: int = 3) -> float:
+    """Least CPU time of ``repeat`` calls (after one untimed call)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.process_time()
+        fn()
+        best = min(best, time.process_time() - start)
+    return best
 
 
 def main() -> int:
@@ -108,7 +170,14 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=1, help="server.epochs (default 1)")
     p.add_argument("--rounds", type=int, default=3, help="rounds timed per row (median)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true",
+                   help="print a cProfile of one more sampling round per row")
+    p.add_argument("--kernels", action="store_true",
+                   help="time the decoder's batched products alone (see kernels()), then stop")
     args = p.parse_args()
+    if args.kernels:
+        kernels()
+        return 0
     print(f"paper preset, server.pool_size={args.pool_size}, pool_weighting={args.weighting}, "
           f"server.epochs={args.epochs}, median of {args.rounds} rounds, "
           f"torch threads {torch.get_num_threads()}")

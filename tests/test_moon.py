@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import torch
 from mpi_helpers import find_mpiexec
 from strategy_helpers import local_round
 
+from alignfl_mpi.checkpoint import load_checkpoint, save_raw_checkpoint
 from alignfl_mpi.client import new_local_state
 from alignfl_mpi.config import ClientConfig, ModelConfig, load_config
 from alignfl_mpi.errors import ConfigError
@@ -113,15 +112,13 @@ def test_first_round_is_fedavg_and_previous_model_is_kept_in_extra(images):
         np.testing.assert_array_equal(previous[name].numpy(), value, err_msg=name)
 
 
-def test_previous_model_survives_the_client_checkpoint(images):
+def test_previous_model_survives_the_client_checkpoint(images, tmp_path):
     state, _ = _rounds("moon", images, n=1)
-    buffer = io.BytesIO()
-    torch.save(state.state_dict(), buffer)
+    save_raw_checkpoint(tmp_path / "c.ckpt", state.checkpoint_state())  # as the runtime saves it
     after = local_round(state, images, round_=1, seed=0, strategy="moon",
                         global_state=GLOBALS[1])
-    buffer.seek(0)
     resumed = new_local_state(0, CFG, seed=5, device=CPU)
-    resumed.load_state_dict(torch.load(buffer, weights_only=True))  # as the runtime loads it
+    resumed.load_state_dict(load_checkpoint(tmp_path / "c.ckpt"))  # and loads it
     replay = local_round(resumed, images, round_=1, seed=0, strategy="moon",
                          global_state=GLOBALS[1])
     assert replay.metrics["penalty"] == after.metrics["penalty"] > 0

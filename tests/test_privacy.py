@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 
@@ -12,6 +11,7 @@ import torch
 from strategy_helpers import local_round
 from torch.nn.utils import parametrize
 
+from alignfl_mpi.checkpoint import load_checkpoint, save_raw_checkpoint
 from alignfl_mpi.client import new_local_state
 from alignfl_mpi.config import ClientConfig, LipschitzConfig, ModelConfig, PrivacyConfig
 from alignfl_mpi.errors import ConfigError
@@ -245,18 +245,16 @@ def run_state_round(state, images, round_: int = 0, seed: int = 0):
     return update.metrics, update.prior
 
 
-def test_epsilon_grows_and_survives_resume(images) -> None:
+def test_epsilon_grows_and_survives_resume(images, tmp_path) -> None:
     cfg = client_cfg(clipping="adaptive", prior="dp", epsilon=5.0)
     state = make_state(cfg, total_rounds=3)
     first, _ = run_state_round(state, images, 0)
     assert "loss" not in first  # exact losses stay on the client in DP modes
-    buffer = io.BytesIO()
-    torch.save(state.state_dict(), buffer)
+    save_raw_checkpoint(tmp_path / "c.ckpt", state.checkpoint_state())  # as the runtime does
     rounds = [run_state_round(state, images, r) for r in (1, 2)]
     uninterrupted = [first] + [m for m, _ in rounds]
-    buffer.seek(0)
     resumed_state = make_state(cfg, total_rounds=None)
-    resumed_state.load_state_dict(torch.load(buffer, weights_only=True))
+    resumed_state.load_state_dict(load_checkpoint(tmp_path / "c.ckpt"))
     rounds_resumed = [run_state_round(resumed_state, images, r) for r in (1, 2)]
     resumed = [first] + [m for m, _ in rounds_resumed]
     eps = [m["epsilon"] for m in uninterrupted]

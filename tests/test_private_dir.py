@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 from mpi_helpers import find_mpiexec
 
+from alignfl_mpi.checkpoint import load_checkpoint
 from alignfl_mpi.config import load_config
 from alignfl_mpi.errors import ConfigError
 from alignfl_mpi.private import client_private_dir, ensure_private
@@ -53,7 +53,7 @@ def test_dp_secret_never_lands_in_the_run_folder(small_runs):
         assert folder.stat().st_mode & 0o777 == 0o700
         ckpts = sorted(folder.glob("round_*.ckpt"))
         assert ckpts, f"no private checkpoint for client {c}"
-        state = torch.load(ckpts[-1], weights_only=True)
+        state = load_checkpoint(ckpts[-1])
         secrets.append(int(state["extra"]["privacy"]["secret"]))
     files = [p for p in out.rglob("*") if p.is_file()]
     assert sorted(p.relative_to(out).as_posix() for p in files if "checkpoints" in p.parts) \

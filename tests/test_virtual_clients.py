@@ -65,7 +65,9 @@ def runs(tmp_path_factory):
     """20 clients, participation 0.5, 3 rounds: pipelined with clients spilling to disk, 1
     round on 2 ranks (all clients on one rank); then, in one launch of 3 ranks
     (tests/mpi/sequence.py), the same 3 rounds uninterrupted and synchronous (2 client
-    ranks), and the pipelined run resumed to 3 rounds (its clients now on 2 ranks)."""
+    ranks), and the pipelined run resumed to 3 rounds (its clients now on 2 ranks). Both
+    with ``client.fresh_optimizer``, whose checkpoints and spills leave Adam's moments out
+    (``LocalState.checkpoint_state``); the resume scenario of conftest.py keeps them."""
     if find_mpiexec() is None:
         pytest.skip("no mpiexec available")
     from mpi_helpers import run_sequence
@@ -74,7 +76,7 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("virtual")
     part = tiny_partition(tmp / "p.h5", n_clients=N_CLIENTS, n_per_client=24)
     sets = ["--set", "clients_per_round=0.5", "--set", "server.quality_metrics=false",
-            "--set", "output.png=false"]
+            "--set", "output.png=false", "--set", "client.fresh_optimizer=true"]
     # pipelined, and a memory budget of ~2 clients' state: the others spill
     split_sets = [*sets, "--set", "server.pipeline=true", "--set", "rank_memory_mb=1.5",
                   "--set", f'client.private_dir="{tmp / "private"}"']
