@@ -185,6 +185,16 @@ def standard_normal_prior(latent_dim: int) -> GaussianMixturePrior:
     return GaussianMixturePrior(weights=np.ones(1), means=zeros, log_vars=zeros)
 
 
+def _checked_latents(latents: np.ndarray) -> np.ndarray:
+    """``latents`` as float64 ``(N, D)`` with N, D >= 1 and finite values, or ValueError."""
+    x = np.asarray(latents, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
+        raise ValueError(f"latents must have shape (N, D) with N, D >= 1, got {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("latents contain NaN or infinite values")
+    return x
+
+
 def fit_gmm(
     latents: np.ndarray,
     *,
@@ -217,11 +227,7 @@ def fit_gmm(
         >>> sorted(np.round(p.means[:, 0], 3).tolist()), np.round(p.weights, 3).tolist()
         ([0.0, 5.0], [0.5, 0.5])
     """
-    x = np.asarray(latents, dtype=np.float64)
-    if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
-        raise ValueError(f"latents must have shape (N, D) with N, D >= 1, got {x.shape}")
-    if not np.isfinite(x).all():
-        raise ValueError("latents contain NaN or infinite values")
+    x = _checked_latents(latents)
     if n_components < 1 or min_var <= 0:
         raise ValueError(f"need n_components >= 1 and min_var > 0, got {n_components}, {min_var}")
     rng = np.random.default_rng(seed)
@@ -258,11 +264,7 @@ def fit_gmm_sklearn(latents: np.ndarray, *, n_components: int = 10,
     """
     from sklearn.mixture import GaussianMixture
 
-    x = np.asarray(latents, dtype=np.float64)
-    if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
-        raise ValueError(f"latents must have shape (N, D) with N, D >= 1, got {x.shape}")
-    if not np.isfinite(x).all():
-        raise ValueError("latents contain NaN or infinite values")
+    x = _checked_latents(latents)
     if n_components < 1:
         raise ValueError(f"need n_components >= 1, got {n_components}")
     gm = GaussianMixture(n_components=min(n_components, x.shape[0]), covariance_type="diag",
