@@ -6,11 +6,13 @@ setting; unfinished settings are marked with the rounds they have).
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results_table import fmt  # noqa: E402  (experiments/, beside this file)
 
 from alignfl_mpi.results import last_reported, load  # noqa: E402
 
@@ -20,12 +22,6 @@ COLUMNS = [("latent_accuracy", "latent acc", 3), ("global_fid_lenet", "FID-LeNet
            ("survival_synthetic_control", "survival control", 3),
            ("survival_recon_global", "survival global recon", 3),
            ("mia_auc_outliers", "MIA AUC outliers", 3), ("dcr_ratio", "DCR ratio", 3)]
-
-
-def fmt(value: object, digits: int) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    return f"{float(value):.{digits}f}"
 
 
 def main(folder: Path) -> int:
