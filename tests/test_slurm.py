@@ -5,17 +5,20 @@ tests start one themselves when they are root and SLURM is installed, and skip w
 saying why otherwise (``ALIGNFL_SLURM_REQUIRED=1``, set by CI, turns that skip into a failure).
 Every wait has a deadline, so a hang fails.
 
-Three tiny runs (2 clients, 3 rounds, one partition and config) are submitted together:
+Four tiny runs (3 rounds each) are submitted together; the first three share one partition
+of 2 clients and one config:
 
 - ``single``: the single-node script, ``srun --mpi=pmi2``, uninterrupted: the reference;
 - ``requeued``: the single-node script launched with ``mpiexec`` (MPICH's Hydra inside the
   allocation), ``scontrol requeue`` during round 2;
 - ``preempted``: the multi-node script on the two emulated nodes, ``srun --mpi=pmi2``;
   SIGTERM to the batch shell during round 2 (the signal ``--signal=B:TERM@300`` sends), after
-  which the script requeues itself.
+  which the script requeues itself;
+- ``many``: the many-clients script, 4 clients (a partition of their own) on its 2 client
+  ranks, half of them asked each round, a synthetic pool of 64 images in all.
 
 The interrupted runs must resume after round 1 and end bit-for-bit equal to ``single``.
-A fourth job, ``timer``, has SLURM's own ``--signal=B:TERM@55`` timer (with ``--time=1``)
+An opt-in fifth job, ``timer``, has SLURM's own ``--signal=B:TERM@55`` timer (with ``--time=1``)
 fire on a stand-in program that sleeps: the script must requeue itself.
 """
 
@@ -45,6 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 HARNESS = REPO / ".ci" / "slurm.sh"
 SINGLE = REPO / "slurm" / "alignfl_single_node.sbatch"
 MULTI = REPO / "slurm" / "alignfl_multi_node.sbatch"
+MANY = REPO / "slurm" / "alignfl_many_clients.sbatch"
 BINDING = Path(__file__).resolve().parent / "slurm" / "show_binding.sh"
 SLEEP_ONCE = Path(__file__).resolve().parent / "slurm" / "sleep_once.sh"
 VENV_BIN = Path(sys.executable).parent
@@ -265,6 +269,10 @@ def runs(cluster, tmp_path_factory):
     work = tmp_path_factory.mktemp("slurm-runs")
     partition = tiny_partition(work / "partition.h5", n_clients=2)
     config = _config(work / "run.toml", partition)
+    many_config = write_config(work / "many.toml", tiny_partition(work / "p4.h5", n_clients=4),
+                               work / "unused", n_clients=4, rounds=3)
+    many_config.write_text(many_config.read_text().replace(
+        "final_drain_s = 60\n", "final_drain_s = 60\ndevice = \"cpu\"\n"))
     gpus = [] if cluster.has_gpus() else ["--gpus-per-node=0", "--gpus-per-task=0"]
     common = {"CONFIG": str(config), "ALIGNFL": str(VENV_BIN / "alignfl-mpi"),
               "ALIGNFL_DATA_ROOT": str(work / "data"), "OMP_NUM_THREADS": "1",
@@ -279,6 +287,8 @@ def runs(cluster, tmp_path_factory):
     seen: dict[str, Interruption] = {}
     threads: list[threading.Thread] = []
     launches = {"single": (SINGLE, TINY, {}), "requeued": (SINGLE, TINY, {"LAUNCHER": "mpiexec"}),
+                "many": (MANY, TINY, {"CONFIG": str(many_config), "N_CLIENTS": "4",
+                                      "FRACTION": "0.5", "POOL": "64"}),
                 "preempted": (MULTI, TWO_NODES, {})}
     interrupt = {"requeued": ["scontrol", "requeue"],
                  "preempted": ["scancel", "--batch", "--signal=TERM"]}
@@ -417,3 +427,14 @@ def test_gpu_binding_matches_local_rank_device(cluster, tmp_path):
             per_node.setdefault(node, []).append(visible[int(local) % len(visible)])
         assert sorted(len(v) for v in per_node.values()) == layout, text
         assert all(len(set(v)) == len(v) for v in per_node.values()), f"GPU shared: {text}"
+
+
+def test_many_clients_script_places_four_clients_on_two_ranks_with_participation(runs):
+    info, text = runs.finish("many")
+    assert info["Restarts"] == "0", info
+    assert "srun --mpi=pmi2" in text and "--set n_clients=4" in text, text
+    res = load(runs.results("many"))
+    assert sorted(set(res.attrs["placement"])) == [1, 2] and len(res.attrs["placement"]) == 4
+    asked = [[c for c in range(4) if res.clients[c]["status"][r] == "ok"] for r in range(3)]
+    assert [len(a) for a in asked] == [2, 2, 2], asked  # FRACTION=0.5 of 4 clients
+    assert list(res.server["n_synthetic"]) == [64, 64, 64]  # POOL=64 in all, every round
