@@ -745,6 +745,12 @@ def _privacy_utility(runs: Sequence[_Run], path: Path, notes: list[str]) -> Path
     if not metrics:
         raise _Skip("privacy_utility.png skipped: no run has a final latent_accuracy, "
                     "survival_synthetic or mia_auc_outliers")
+    done = [r.results.finished for r in runs]
+    for r, d in zip(runs, done):
+        if not d:
+            notes.append(f"privacy_utility.png: {r.name} is not finished "
+                         f"({len(r.results.rounds)} rounds recorded): a hollow point at "
+                         "its last round and its ε so far, left out of the lines")
     fig, axes = _figure(len(axes_params) * len(metrics), ncols=len(metrics))
     for row, param in enumerate(axes_params):
         xs, groups = (eps, lam) if param == "epsilon" else (lam, eps)
@@ -752,7 +758,8 @@ def _privacy_utility(runs: Sequence[_Run], path: Path, notes: list[str]) -> Path
         for col, metric in enumerate(metrics):
             ax = axes[row * len(metrics) + col]
             _privacy_panel(ax, xs, groups, final[metric], group_label=group_label,
-                           epsilon_axis=param == "epsilon", controls=controls.get(metric))
+                           epsilon_axis=param == "epsilon", controls=controls.get(metric),
+                           done=done)
             ax.set_xlabel("ε spent (recorded; ∞: no DP)" if param == "epsilon" else "λ_lip")
             ax.set_ylabel(f"final {metric}")
             ax.grid(alpha=0.3)
@@ -761,9 +768,11 @@ def _privacy_utility(runs: Sequence[_Run], path: Path, notes: list[str]) -> Path
 
 def _privacy_panel(ax: Any, xs: Sequence[float | None], groups: Sequence[float | None],
                    ys: Sequence[float | None], *, group_label: str,
-                   epsilon_axis: bool, controls: Sequence[float | None] | None = None) -> None:
+                   epsilon_axis: bool, controls: Sequence[float | None] | None = None,
+                   done: Sequence[bool] | None = None) -> None:
     """Points and mean lines of ``ys`` against ``xs``, one line per group value; the
-    ``controls`` of the same runs, if any, as dashed lines of the same colours.
+    ``controls`` of the same runs, if any, as dashed lines of the same colours. Runs that
+    are not ``done`` (unfinished) are hollow points outside the lines.
 
     On the ε axis (log scale) ∞ sits a decade right of the largest finite ε; a λ_lip
     axis whose positive values span two decades or more is symlog.
@@ -773,18 +782,29 @@ def _privacy_panel(ax: Any, xs: Sequence[float | None], groups: Sequence[float |
     finite = [x for x in xs if x is not None and math.isfinite(x) and x > 0]
     inf_at = max(finite) * 10 if finite else 1.0
     pos = {x: (inf_at if x == math.inf else x) for x in xs if x is not None}
+    done = list(done) if done is not None else [True] * len(xs)
+    hollow_in_legend = False
     for i, g in enumerate(sorted({g for g in groups if g is not None})):
-        pts = [(pos[x], y) for x, gg, y in zip(xs, groups, ys)
-               if gg == g and x is not None and y is not None]
+        pts = [(pos[x], y) for x, gg, y, d in zip(xs, groups, ys, done)
+               if gg == g and x is not None and y is not None and d]
+        open_pts = [(pos[x], y) for x, gg, y, d in zip(xs, groups, ys, done)
+                    if gg == g and x is not None and y is not None and not d]
+        label = f"{group_label} = {'∞' if g == math.inf else f'{g:g}'}"
+        if open_pts:
+            ax.scatter(*zip(*open_pts), s=36, facecolors="none", edgecolors=f"C{i}",
+                       label=None if pts else label)
+            if not hollow_in_legend:
+                ax.scatter([], [], s=36, facecolors="none", edgecolors="grey",
+                           label="not finished")
+                hollow_in_legend = True
         if not pts:
             continue
         px = sorted({p for p, _ in pts})
         means = [np.mean([y for p, y in pts if p == x]) for x in px]
-        label = f"{group_label} = {'∞' if g == math.inf else f'{g:g}'}"
         ax.plot(px, means, marker="o", color=f"C{i}", label=label)
         ax.scatter(*zip(*pts), s=12, color=f"C{i}", alpha=0.5)
-        ctl = [(pos[x], c) for x, gg, c in zip(xs, groups, controls or [])
-               if gg == g and x is not None and c is not None]
+        ctl = [(pos[x], c) for x, gg, c, d in zip(xs, groups, controls or [], done)
+               if gg == g and x is not None and c is not None and d]
         if ctl:
             cx = sorted({p for p, _ in ctl})
             ax.plot(cx, [np.mean([c for p, c in ctl if p == x]) for x in cx], ls="--",

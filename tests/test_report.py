@@ -429,3 +429,36 @@ def test_privacy_panel_draws_each_groups_control_dashed():
     assert list(dashed[0].get_xdata()) == [1.0, 80.0]  # ∞ a decade right of the largest ε
     assert dashed[0].get_label() == "λ_lip = 0, control"
     plt.close(fig)
+
+
+def test_privacy_panel_draws_unfinished_runs_hollow_outside_the_lines():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from alignfl_mpi.report import _privacy_panel
+
+    fig, ax = plt.subplots()
+    _privacy_panel(ax, [1.0, 6.5, math.inf], [0.0, 0.0, 0.0], [0.1, 0.9, 0.3],
+                   group_label="λ_lip", epsilon_axis=True, done=[True, False, True])
+    (line,) = ax.get_lines()
+    assert list(line.get_ydata()) == [0.1, 0.3]  # the unfinished run's 0.9 is not on it
+    hollow = [c for c in ax.collections if len(c.get_offsets())
+              and not c.get_facecolor().size]
+    assert [list(c.get_offsets()[0]) for c in hollow] == [[6.5, 0.9]]
+    assert "not finished" in [t.get_text() for t in ax.get_legend().get_texts()]
+    plt.close(fig)
+
+
+def test_privacy_utility_notes_unfinished_runs(tmp_path):
+    paths = [write_run(tmp_path / name / "results.h5", rounds=rounds, final=final, mode="full",
+                       epsilon=eps)
+             for name, rounds, final, eps in (("done1", 3, True, 1.0), ("done8", 3, True, 8.0),
+                                             ("running", 2, False, 4.0))]
+    out = tmp_path / "rep"
+    run_report(paths, out=out)
+    assert_png(out / "privacy_utility.png")
+    md = (out / "report.md").read_text()
+    assert "running is not finished (2 rounds recorded)" in md
+    assert "done1 is not finished" not in md
