@@ -6,6 +6,7 @@ setting; unfinished settings are marked with the rounds they have).
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -24,13 +25,22 @@ COLUMNS = [("latent_accuracy", "latent acc", 3), ("global_fid_lenet", "FID-LeNet
            ("mia_auc_outliers", "MIA AUC outliers", 3), ("dcr_ratio", "DCR ratio", 3)]
 
 
+def _target_epsilon(res) -> float:
+    """The configured ε of a run (no DP: infinity), for ordering rows ε by ε, then λ_lip."""
+    if res.config_value("client.privacy.mode", "none") == "none":
+        return math.inf
+    return float(res.config_value("client.privacy.epsilon"))
+
+
 def main(folder: Path) -> int:
     head = ["setting", "rounds", "ε spent", "λ_lip", *(c[1] for c in COLUMNS),
             "mean round s"]
     print("| " + " | ".join(head) + " |")
     print("|" + " --- |" * len(head))
-    for path in sorted(folder.glob("*/results.h5")):
-        res = load(path)
+    runs = [(path, load(path)) for path in folder.glob("*/results.h5")]
+    runs.sort(key=lambda pr: (_target_epsilon(pr[1]),
+                              float(pr[1].config_value("client.lipschitz.weight", 0.0))))
+    for path, res in runs:
         row = res.headline()
         spent = res.epsilon_spent()
         cells = [path.parent.name,
