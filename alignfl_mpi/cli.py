@@ -122,7 +122,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     written = run_sweep(config=args.config, epsilons=[parse_epsilon(e) for e in args.epsilon],
                         lips=args.lip, np_=args.np, out=Path(args.out), launcher=args.launcher,
-                        dp_mode=args.dp_mode, extra=args.set, dry_run=args.dry_run)
+                        dp_mode=args.dp_mode, extra=args.set, dry_run=args.dry_run,
+                        preset=args.preset)
     for path in written:
         print(path)
     return 0
@@ -236,7 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_show)
 
     p = sub.add_parser("sweep", help="privacy-utility grid: one run per (epsilon, lambda_lip)")
-    p.add_argument("--config", "-c", default=None, help="base config for every run")
+    p.add_argument("--preset", default=None, metavar="NAME",
+                   help="shipped config every run starts from (default: paper, as for run)")
+    p.add_argument("--config", "-c", default=None,
+                   help="config file on top of the preset, for every run")
     p.add_argument("--epsilon", nargs="+", default=["1", "2", "5", "10", "inf"],
                    help="target epsilons; 'inf' = no DP (default: 1 2 5 10 inf)")
     p.add_argument("--lip", nargs="+", type=float, default=[0.0, 0.01, 0.1, 1.0],

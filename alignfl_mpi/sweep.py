@@ -2,6 +2,7 @@
 
     alignfl-mpi sweep --epsilon 1 2 5 10 inf --lip 0 0.01 0.1 1 --np 6 --out runs/sweep
     alignfl-mpi sweep --config base.toml --epsilon 1 inf --lip 0 --launcher "srun"
+    alignfl-mpi sweep --preset classic --epsilon 1 inf --lip 0 1
 
 Every setting runs as its own MPI job (``LAUNCHER -n NP alignfl-mpi run ...``) into
 ``OUT/<dataset>_eps<e>_lip<l>/results.h5``, so each results file is named after its
@@ -26,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import load_config
+from .config import DEFAULT_PRESET, load_config
 from .errors import ConfigError
 from .results import load
 from .strategies import build_strategy, strategy_class
@@ -104,13 +105,19 @@ def _status(results: Path) -> str:
 
 def run_sweep(*, config: str | None, epsilons: list[float], lips: list[float], np_: int,
               out: Path, launcher: str = "mpiexec", dp_mode: str | None = None,
-              extra: list[str] | None = None, dry_run: bool = False) -> list[Path]:
+              extra: list[str] | None = None, dry_run: bool = False,
+              preset: str | None = None) -> list[Path]:
     """Run every setting of the grid; returns the results files.
 
+    Each run's config is resolved as ``alignfl-mpi run`` resolves it: ``preset`` (default
+    ``paper``), then ``config`` on top, then ``extra`` and the setting's overrides. The
+    settings are checked against that config, and the runs get the same ``--preset``.
+
     Raises:
-        ConfigError: A bad grid value, base config, launcher, or a failed run.
+        ConfigError: A bad grid value, preset, base config, launcher, or a failed run.
     """
-    base = load_config(config, overrides=extra or [])
+    preset = preset or DEFAULT_PRESET
+    base = load_config(config, overrides=extra or [], preset=preset)
     mode = dp_mode or (base.client.privacy.mode if base.client.privacy.mode != "none" else "full")
     whole = strategy_class(base.strategy).update_kind == "model"
     if dp_mode is None and whole:
@@ -126,7 +133,8 @@ def run_sweep(*, config: str | None, epsilons: list[float], lips: list[float], n
     for s in settings:
         try:
             build_strategy(load_config(
-                config, overrides=[*(extra or []), *s.overrides(mode, whole_model=whole)]))
+                config, overrides=[*(extra or []), *s.overrides(mode, whole_model=whole)],
+                preset=preset))
             runnable.append(s)
         except ConfigError as exc:
             refused.setdefault(str(exc), []).append(s.name(base.data.dataset))
@@ -141,7 +149,8 @@ def run_sweep(*, config: str | None, epsilons: list[float], lips: list[float], n
         if state == "finished":
             log.info("[%d/%d] %s: finished, skipped", i, len(settings), run_dir.name)
             continue
-        cmd = [*launch, "-n", str(np_), exe, "run", "--output", str(run_dir)]
+        cmd = [*launch, "-n", str(np_), exe, "run", "--output", str(run_dir),
+               "--preset", preset]
         if config:
             cmd += ["--config", config]
         for flag in [*(extra or []), *s.overrides(mode, whole_model=whole)]:

@@ -154,3 +154,21 @@ def test_sweep_covers_the_whole_epsilon_lambda_grid(tmp_path, strategy, caplog) 
     assert 'client.privacy.mode=\\"full\\"' in caplog.text or 'client.privacy.mode="full"' \
         in caplog.text
     assert ("privacy.prior" in caplog.text) == (strategy != "align-fl")
+
+
+def test_sweep_resolves_each_run_from_the_preset_as_run_does(tmp_path, caplog) -> None:
+    """The runs get ``--preset`` (default ``paper``, as for ``alignfl-mpi run``), and the
+    settings are checked against that preset, not the built-in defaults."""
+    from alignfl_mpi.errors import ConfigError
+    from alignfl_mpi.sweep import run_sweep
+
+    for preset, expected in ((None, "paper"), ("classic", "classic")):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="alignfl_mpi.sweep"):
+            run_sweep(config=None, epsilons=[math.inf], lips=[0.0], np_=3,
+                      out=tmp_path / "out", dry_run=True, preset=preset)
+        assert f"run --output {tmp_path / 'out' / 'mnist_epsinf_lip0'} --preset {expected} " \
+            in caplog.text
+    with pytest.raises(ConfigError, match="nope"):
+        run_sweep(config=None, epsilons=[1.0], lips=[0.0], np_=3, out=tmp_path / "out",
+                  dry_run=True, preset="nope")
