@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shlex
 import shutil
 import subprocess
@@ -127,6 +128,10 @@ def run_sweep(*, config: str | None, epsilons: list[float], lips: list[float], n
     launch = shlex.split(launcher)
     if not dry_run and shutil.which(launch[0]) is None and not Path(launch[0]).exists():
         raise ConfigError(f"launcher {launch[0]!r} not found; pass --launcher (mpiexec, srun)")
+    if Path(launch[0]).name == "srun" and "MPIR_CVAR_CH4_NETMOD" not in os.environ:
+        log.warning("srun launches the runs: with an MPICH that has its own PMI client (PyPI's), "
+                    "export MPIR_CVAR_CH4_NETMOD=ofi, or MPI_Init can fail now and then "
+                    "(docs/SLURM.md)")
     written = []
     runnable: list[Setting] = []
     refused: dict[str, list[str]] = {}

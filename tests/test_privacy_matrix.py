@@ -172,3 +172,17 @@ def test_sweep_resolves_each_run_from_the_preset_as_run_does(tmp_path, caplog) -
     with pytest.raises(ConfigError, match="nope"):
         run_sweep(config=None, epsilons=[1.0], lips=[0.0], np_=3, out=tmp_path / "out",
                   dry_run=True, preset="nope")
+
+
+def test_sweep_under_srun_says_which_netmod_to_choose(tmp_path, caplog, monkeypatch) -> None:
+    from alignfl_mpi.sweep import run_sweep
+
+    monkeypatch.delenv("MPIR_CVAR_CH4_NETMOD", raising=False)
+    for launcher, env, warned in (("srun --mpi=pmi2", None, True), ("mpiexec", None, False),
+                                  ("srun --mpi=pmi2", "ofi", False)):
+        if env:
+            monkeypatch.setenv("MPIR_CVAR_CH4_NETMOD", env)
+        caplog.clear()
+        run_sweep(config=None, epsilons=[math.inf], lips=[0.0], np_=3, out=tmp_path / "o",
+                  launcher=launcher, dry_run=True)
+        assert ("export MPIR_CVAR_CH4_NETMOD=ofi" in caplog.text) == warned, launcher
