@@ -150,16 +150,11 @@ def test_schema_validation_errors(tiny_root, tmp_path):
 
 
 def test_real_paper_partition(real_root, tmp_path):
-    import time
-
     out = tmp_path / "paper.h5"
-    start = time.perf_counter()
     make_partition(PartitionRequest(), output=out, root=real_root)
-    elapsed = time.perf_counter() - start
     info = read_partition_info(out, expected_clients=5)
     sizes = [11923, 11958, 11263, 11918, 11800]
     assert info.attrs["client_sizes"] == [sizes[0] + 600] + sizes[1:]
     c0 = read_client(out, 0)
     assert int(c0.outlier.sum()) == 600 and int((~c0.outlier).sum()) == 11923
     assert info.attrs["outlier_dataset"] == "fashion-mnist"
-    assert elapsed < 120  # generous: the 30 s target is measured in the README, not here
