@@ -785,10 +785,10 @@ def _privacy_panel(ax: Any, xs: Sequence[float | None], groups: Sequence[float |
     done = list(done) if done is not None else [True] * len(xs)
     hollow_in_legend = False
     for i, g in enumerate(sorted({g for g in groups if g is not None})):
-        pts = [(pos[x], y) for x, gg, y, d in zip(xs, groups, ys, done)
-               if gg == g and x is not None and y is not None and d]
-        open_pts = [(pos[x], y) for x, gg, y, d in zip(xs, groups, ys, done)
-                    if gg == g and x is not None and y is not None and not d]
+        mine = [(pos[x], y, d) for x, gg, y, d in zip(xs, groups, ys, done)
+                if gg == g and x is not None and y is not None]
+        pts = [(p, y) for p, y, d in mine if d]
+        open_pts = [(p, y) for p, y, d in mine if not d]
         label = f"{group_label} = {'∞' if g == math.inf else f'{g:g}'}"
         if open_pts:
             ax.scatter(*zip(*open_pts), s=36, facecolors="none", edgecolors=f"C{i}",
