@@ -45,7 +45,7 @@ import torch
 from .arrays import arrays_to_state
 from .errors import AlignFLError, ConfigError, SchemaError
 from .evaluation import encode_latents, save_image_grid
-from .models import VAE, ModelSpec, build_decoder, build_vae
+from .models import VAE, ModelSpec, build_vae, decoder_from_state
 from .prior import GaussianMixturePrior
 from .results import RESULTS_NAME, EpsilonSpent, Results, last_reported, load
 from .schema import OUTLIER_TEST, TEST, read_partition_info, read_split
@@ -598,8 +598,7 @@ def _samples(run: _Run, path: Path, notes: list[str]) -> Path:
     for cid, d in sorted(run.results.final_decoders().items()):
         try:
             spec = ModelSpec.from_dict(d["spec"])
-            decoder = build_decoder(spec)
-            decoder.load_state_dict(arrays_to_state(d["state"]), strict=True)
+            decoder = decoder_from_state(spec, arrays_to_state(d["state"]))
             prior = GaussianMixturePrior.from_arrays(d["prior"], latent_dim=spec.latent_dim)
         except (AlignFLError, RuntimeError, KeyError) as exc:
             notes.append(f"samples_{run.name}.png: client {cid}'s decoder left out ({exc})")

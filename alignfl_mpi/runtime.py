@@ -309,6 +309,7 @@ class ClientLoop:
         self.client_id = self.rank - 1  # the client being served (set per client)
         self.global_state: dict[str, np.ndarray] | None = None  # the last MODEL received
         self.pending: list[Any] = []  # PROGRESS sends in flight
+        self.updates: list[Any] = []  # UPDATE sends in flight (at most UPDATES_IN_FLIGHT)
         self.resident: list[int] = []  # clients whose state is in memory, least recent first
 
     # attributes of the client being served, for the per-client methods and test hooks
@@ -355,7 +356,7 @@ class ClientLoop:
                 log.warning("bad message from the server ignored: %s", rcv.error)
                 continue
             if rcv.tag == Tag.STOP:
-                for pending in self.pending:
+                for pending in self.pending + self.updates:
                     pending.wait()
                 first = min(self.slots) if self.slots else self.rank - 1
                 self.transport.send(0, Tag.BYE, Bye(client_id=first).to_message())
@@ -461,8 +462,8 @@ class ClientLoop:
             payload = ClientUpdate(round=r, client_id=slot.client_id, spec=update.spec,
                                    state=update.state, kind=update.kind, prior=update.prior,
                                    metrics=update.metrics)
-            # encoding and sending fail here, not in the loop: too big, not encodable, ...
-            self.transport.send(0, Tag.UPDATE, payload.to_message())
+            # encoding fails here, not in the loop: too big, not encodable, ...
+            self._send_update(payload)
         except Exception as exc:
             log.error("client %d failed in round %d: %s", slot.client_id, _round_no(r), exc)
             err = RemoteError.from_exception(exc, rank=self.rank, round=r,
@@ -511,6 +512,20 @@ class ClientLoop:
         c = self.state.cfg
         return c.local_epochs * max(1, -(-len(self.data) // c.batch_size))
 
+    def _send_update(self, payload: ClientUpdate) -> None:
+        """Start an UPDATE send and go on; wait only while too many are in flight.
+
+        The rank trains its next client while rank 0 takes this update: the receiver
+        pulls the bytes when it gets to them, so nothing here waits for rank 0's poll.
+        Messages from one rank arrive in the order they were sent, so an ERROR sent
+        later is never taken before this UPDATE.
+        """
+        while len(self.updates) >= UPDATES_IN_FLIGHT:
+            self.updates = [p for p in self.updates if not p.test()]
+            if len(self.updates) >= UPDATES_IN_FLIGHT:
+                self.updates[0].wait()
+        self.updates.append(self.transport.isend(0, Tag.UPDATE, payload.to_message()))
+
     def _send_progress(self, r: int, client_id: int, done: int, total: int) -> None:
         """Start a PROGRESS send; never wait for it (its buffer lives in ``self.pending``)."""
         self.pending = [p for p in self.pending if not p.test()]
@@ -557,6 +572,10 @@ class ClientLoop:
                                                          n_clients=self.cfg.n_clients, k=k)
                    for r in range(round_))
 
+
+UPDATES_IN_FLIGHT = 2
+"""UPDATE sends a client rank may have in flight while it trains its next clients; each
+holds its encoded buffer (one decoder), so this bounds the memory they take."""
 
 SPILL_NAME = "spilled.ckpt"
 """A spilled client's state in its private folder (``rank_memory_mb``)."""

@@ -29,7 +29,13 @@ import torch
 from .arrays import arrays_to_state, state_arrays
 from .decoder_bank import DecoderBank, Slot, decode_into
 from .errors import AlignFLError, MessageError
-from .models import ModelSpec, build_decoder, build_vae, decoder_state_shapes, model_spec
+from .models import (
+    ModelSpec,
+    build_vae,
+    decoder_from_state,
+    decoder_state_shapes,
+    model_spec,
+)
 from .prior import CLASS_WEIGHTS, GaussianMixturePrior
 from .seeds import Role, derive_seed
 
@@ -507,8 +513,7 @@ class ServerState:
         model, gm = validate_update(spec=spec, state=state, prior=prior,
                                     image_shape=self.spec.image_shape,
                                     max_params=self.max_params)
-        decoder = build_decoder(model)
-        decoder.load_state_dict(arrays_to_state(state), strict=True)
+        decoder = decoder_from_state(model, arrays_to_state(state))
         decoder.to(self.device).eval()
         _, class_weights = split_class_weights(model, prior)
         entry = DecoderEntry(client_id=client_id, spec=model, decoder=decoder, prior=gm,

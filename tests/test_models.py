@@ -15,6 +15,7 @@ from alignfl_mpi.models import (
     ModelSpec,
     build_decoder,
     build_vae,
+    decoder_from_state,
     decoder_state_shapes,
     vae_loss,
 )
@@ -205,3 +206,28 @@ def test_vae_loss_refuses_an_unknown_reduction() -> None:
     z = torch.zeros(1, 2)
     with pytest.raises(ValueError, match="kl_reduction"):
         vae_loss(z, z, z, z, kl_reduction="batchmean")
+
+
+@pytest.mark.parametrize("spec", [
+    ModelSpec(arch="mlp", hidden=(16, 8)),
+    ModelSpec(arch="mlp", hidden=(16, 8), spectral_norm=True),
+    ModelSpec(arch="conv", hidden=(4, 8)),
+    ModelSpec(arch="conv", hidden=(4, 8), spectral_norm=True),
+], ids=["mlp", "mlp-sn", "conv", "conv-sn"])
+def test_decoder_from_state_equals_a_built_and_loaded_decoder(spec):
+    torch.manual_seed(0)
+    source = build_decoder(spec).eval()
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    rebuilt = decoder_from_state(spec, state).eval()
+    assert rebuilt.state_dict().keys() == source.state_dict().keys()
+    for key, value in rebuilt.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    z = torch.randn(5, spec.decoder_input_dim)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(z), source(z))
+
+
+def test_decoder_from_state_refuses_a_state_of_another_spec():
+    state = build_decoder(ModelSpec(arch="mlp", hidden=(16, 8))).state_dict()
+    with pytest.raises(RuntimeError):
+        decoder_from_state(ModelSpec(arch="mlp", hidden=(16, 4)), state)
