@@ -520,10 +520,9 @@ class ClientLoop:
         Messages from one rank arrive in the order they were sent, so an ERROR sent
         later is never taken before this UPDATE.
         """
+        self.updates = [p for p in self.updates if not p.test()]
         while len(self.updates) >= UPDATES_IN_FLIGHT:
-            self.updates = [p for p in self.updates if not p.test()]
-            if len(self.updates) >= UPDATES_IN_FLIGHT:
-                self.updates[0].wait()
+            self.updates.pop(0).wait()
         self.updates.append(self.transport.isend(0, Tag.UPDATE, payload.to_message()))
 
     def _send_progress(self, r: int, client_id: int, done: int, total: int) -> None:
