@@ -21,6 +21,7 @@ Adding an architecture is one registry entry::
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -375,45 +376,58 @@ def build_decoder(spec: ModelSpec) -> nn.Module:
 
 
 def decoder_from_state(spec: ModelSpec, state: Mapping[str, Tensor]) -> nn.Module:
-    """Return a decoder for ``spec`` holding ``state`` (loaded strictly), on the CPU.
+    """Return a decoder for ``spec`` holding ``state`` (checked strictly), on the CPU.
 
-    The decoder is built on the ``meta`` device and then allocated, so the random
-    initialisation that ``state`` overwrites anyway is skipped (on the server it was a
-    fifth of the cost of accepting a decoder). A decoder with a tensor the state dict
-    cannot hold (a non-persistent buffer) is built and initialised as usual instead.
+    The decoder is built on the ``meta`` device and the tensors of ``state`` become its
+    parameters and buffers (``load_state_dict(..., assign=True)``), cast to the dtype the
+    spec builds, so nothing is initialised at random or allocated only to be overwritten
+    (both were most of the cost of accepting a decoder on the server). The decoder
+    therefore shares memory with ``state``: pass tensors nothing else writes to
+    (:func:`~alignfl_mpi.arrays.arrays_to_state` gives copies). A decoder with a tensor
+    the state dict cannot hold (a non-persistent buffer) is built and initialised as
+    usual instead.
 
     Raises:
         RuntimeError: ``state`` does not match the spec's tensors (``load_state_dict``).
     """
     with torch.device("meta"):
         decoder = build_decoder(spec)
+    expected = decoder.state_dict()
     names = {n for n, _ in decoder.named_parameters()} | {n for n, _ in decoder.named_buffers()}
-    if names <= set(decoder.state_dict()):
-        decoder = decoder.to_empty(device="cpu")
-    else:  # pragma: no cover - no registered decoder has non-persistent buffers
+    if not names <= set(expected):  # pragma: no cover - no registered decoder has them
         decoder = build_decoder(spec)
-    decoder.load_state_dict(state, strict=True)
+        decoder.load_state_dict(state, strict=True)
+        return decoder
+    own = {k: (v.to(dtype=expected[k].dtype).contiguous() if k in expected else v)
+           for k, v in state.items()}
+    decoder.load_state_dict(own, strict=True, assign=True)
     return decoder
 
 
 def decoder_state_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     """Return the name and shape of every tensor in the decoder's state dict.
 
-    With ``spectral_norm`` the names include the parametrisation tensors.
+    With ``spectral_norm`` the names include the parametrisation tensors. The shapes are
+    derived once per spec (on the ``meta`` device) and remembered.
 
     Args:
         spec: The model spec.
 
     Returns:
-        Mapping from state-dict key to shape.
+        Mapping from state-dict key to shape (a new dict on every call).
 
     Example:
         >>> decoder_state_shapes(ModelSpec(arch="mlp", hidden=(8,)))
         {'0.weight': (8, 2), '0.bias': (8,), '2.weight': (784, 8), '2.bias': (784,)}
     """
+    return dict(_decoder_state_shapes(spec))
+
+
+@functools.lru_cache(maxsize=64)
+def _decoder_state_shapes(spec: ModelSpec) -> tuple[tuple[str, tuple[int, ...]], ...]:
     with torch.device("meta"):  # shapes only: nothing is allocated, however wide the spec
         decoder = build_decoder(spec)
-    return {k: tuple(v.shape) for k, v in decoder.state_dict().items()}
+    return tuple((k, tuple(v.shape)) for k, v in decoder.state_dict().items())
 
 
 KL_REDUCTIONS = ("sum", "mean")

@@ -382,8 +382,11 @@ MAX_SPEC_LAYERS = 32
 MAX_PRIOR_COMPONENTS = 4096
 """Most mixture components a received prior may have."""
 
-PROBE_SAMPLES = 256
-"""Samples drawn from a received decoder's own prior to probe its outputs."""
+PROBE_SAMPLES = 64
+"""Samples drawn from a received decoder's own prior to probe its outputs. Enough to see
+non-finite, out-of-range or constant outputs; a decoder whose bad outputs are rarer is
+caught by the range check of every pool draw (:meth:`ServerState.sample_synthetic`), which
+evicts it. 256 samples were a third of the cost of accepting a decoder."""
 
 PROBE_SEED = 20250717
 """Seed of the probe's private generator (the global RNG is never touched)."""

@@ -231,3 +231,24 @@ def test_decoder_from_state_refuses_a_state_of_another_spec():
     state = build_decoder(ModelSpec(arch="mlp", hidden=(16, 8))).state_dict()
     with pytest.raises(RuntimeError):
         decoder_from_state(ModelSpec(arch="mlp", hidden=(16, 4)), state)
+
+
+def test_decoder_from_state_casts_to_the_built_dtype_and_keeps_parameters():
+    spec = ModelSpec(arch="mlp", hidden=(16, 8))
+    source = build_decoder(spec)
+    state = {k: v.double() for k, v in source.state_dict().items()}  # a float64 sender
+    rebuilt = decoder_from_state(spec, state)
+    for key, value in rebuilt.state_dict().items():
+        assert value.dtype == torch.float32, key
+        assert value.device.type == "cpu", key
+        assert torch.equal(value, state[key].float()), key
+    assert {n for n, _ in rebuilt.named_parameters()} == {n for n, _ in source.named_parameters()}
+    assert all(isinstance(p, torch.nn.Parameter) for p in rebuilt.parameters())
+
+
+def test_decoder_state_shapes_returns_a_fresh_dict_per_call():
+    spec = ModelSpec(arch="mlp", hidden=(16, 8))
+    first = decoder_state_shapes(spec)
+    first.clear()  # a caller that edits its dict does not change the next one's
+    assert decoder_state_shapes(spec) == {k: tuple(v.shape)
+                                          for k, v in build_decoder(spec).state_dict().items()}
