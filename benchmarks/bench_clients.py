@@ -58,6 +58,13 @@ grows the page cache.
 
 Every ``mpiexec`` has a timeout (``--timeout``, seconds); on expiry its process group is
 killed and the benchmark stops with the command and the last lines of its output.
+``--set KEY=VALUE`` (repeatable) adds a setting to every run of every mode, e.g.
+``--set 'client.device="cuda"' --set 'server.device="cuda"'`` (the floor stays on the CPU);
+``--mpiexec-flag`` (repeatable) passes a flag to ``mpiexec``, e.g. ``--allow-run-as-root``
+and ``--oversubscribe`` for Open MPI as root. Where ``alignfl-mpi`` is not installed (a
+bare machine running this checkout), the ranks run ``python -m alignfl_mpi`` from the
+repository root; the ranks' CPU time is read by ``PMI_RANK`` (MPICH) or
+``OMPI_COMM_WORLD_RANK`` (Open MPI).
 Common settings (all modes): ``data.scheme`` (``--scheme``), ``rounds``, ``local_epochs``,
 ``server.epochs = 1``, ``server.pool_size = 2000``, ``server.quality_metrics = false``,
 ``output.png = false``; the ``paper`` preset otherwise (checkpoints on).
@@ -100,6 +107,11 @@ from alignfl_mpi.schema import client_sizes, read_client  # noqa: E402
 BIN = Path(sys.executable).parent
 MPIEXEC = str(BIN / "mpiexec") if (BIN / "mpiexec").exists() else (shutil.which("mpiexec") or "")
 ALIGNFL = str(BIN / "alignfl-mpi") if (BIN / "alignfl-mpi").exists() else "alignfl-mpi"
+# Without an installed entry point (a bare machine running this checkout), the ranks run
+# the package as a module from the repository root.
+ALIGNFL_CMD = ([ALIGNFL] if (BIN / "alignfl-mpi").exists() or shutil.which("alignfl-mpi")
+               else [sys.executable, "-m", "alignfl_mpi"])
+RANK_VARS = (b"PMI_RANK=", b"OMPI_COMM_WORLD_RANK=", b"PMIX_RANK=")  # MPICH, Open MPI
 ROUND_LINE = re.compile(r"\] round (\d+)/(\d+) \| clients ok ")
 READY_LINE = "clients ready"
 TICK = os.sysconf("SC_CLK_TCK")
@@ -151,7 +163,8 @@ def _descendants(root: int) -> list[int]:
 
 
 def rank_cpu(root: int) -> dict[int, float]:
-    """CPU seconds (user + system) of every MPI rank under ``root``, by ``PMI_RANK``."""
+    """CPU seconds (user + system) of every MPI rank under ``root``, by ``PMI_RANK`` (or
+    Open MPI's ``OMPI_COMM_WORLD_RANK``)."""
     out: dict[int, float] = {}
     for pid in _descendants(root):
         try:
@@ -161,7 +174,7 @@ def rank_cpu(root: int) -> dict[int, float]:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        rank = [e for e in env if e.startswith(b"PMI_RANK=")]
+        rank = [e for var in RANK_VARS for e in env if e.startswith(var)][:1]
         if rank and "python" in _comm(pid):
             out[int(rank[0].split(b"=")[1])] = (int(fields[11]) + int(fields[12])) / TICK
     return out
@@ -251,8 +264,10 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 def run_alignfl(n_ranks: int, sets: list[str], *, out_dir: Path, private_dir: Path,
                 data_root: Path, timeout: float, verbose: bool = False,
-                sample_s: float = 0.5) -> RunRecord:
+                sample_s: float = 0.5, launcher_flags: tuple[str, ...] = ()) -> RunRecord:
     """``mpiexec -n n_ranks alignfl-mpi run`` with ``sets``; the run's record.
+
+    ``launcher_flags`` go to ``mpiexec`` before ``-n`` (e.g. ``--oversubscribe``).
 
     Raises:
         RuntimeError: The job timed out (then killed) or exited with an error; the
@@ -260,12 +275,15 @@ def run_alignfl(n_ranks: int, sets: list[str], *, out_dir: Path, private_dir: Pa
     """
     if not MPIEXEC:
         raise RuntimeError("no mpiexec next to this Python or on PATH")
-    cmd = [MPIEXEC, "-n", str(n_ranks), ALIGNFL, "run", "--data-root", str(data_root),
-           "--output", str(out_dir)]
+    cmd = [MPIEXEC, *launcher_flags, "-n", str(n_ranks), *ALIGNFL_CMD, "run",
+           "--data-root", str(data_root), "--output", str(out_dir)]
     for value in [*sets, f'client.private_dir="{private_dir}"']:
         cmd += ["--set", value]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])
+    if ALIGNFL_CMD[0] == sys.executable:  # the package from this checkout
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", ""))
+                                            if p)
     lines: list[str] = []
     marks: list[Mark] = []
     before = os.getloadavg()[0]
@@ -354,7 +372,8 @@ def timed_run(ws: Workspace, name: str, n_ranks: int, sets: list[str],
     cpu0 = cpu_usage_children()
     rec = run_alignfl(n_ranks, sets, out_dir=out, private_dir=private,
                       data_root=args.data_root, timeout=args.timeout, verbose=args.verbose,
-                      sample_s=getattr(args, "sample_s", 0.5))
+                      sample_s=getattr(args, "sample_s", 0.5),
+                      launcher_flags=tuple(getattr(args, "mpiexec_flag", ())))
     rec.children_cpu_s = cpu_usage_children() - cpu0
     return rec
 
@@ -491,7 +510,7 @@ def mode_efficiency(args: argparse.Namespace, ws: Workspace) -> list[dict[str, A
     rows = []
     for n in args.clients:
         sets = overrides(n, scheme=args.scheme, rounds=args.rounds,
-                         local_epochs=args.local_epochs)
+                         local_epochs=args.local_epochs, extra=tuple(args.set))
         path = ensure_partition(sets, args.data_root)
         sizes = client_sizes(path)
         per_rank = [sum(sizes[c] for c in s)
@@ -638,7 +657,8 @@ def mode_checkpoint(args: argparse.Namespace, ws: Workspace) -> list[dict[str, A
 
 def mode_strong(args: argparse.Namespace, ws: Workspace) -> list[dict[str, Any]]:
     n = args.strong_clients
-    sets = overrides(n, scheme=args.scheme, rounds=args.rounds, local_epochs=args.local_epochs)
+    sets = overrides(n, scheme=args.scheme, rounds=args.rounds, local_epochs=args.local_epochs,
+                     extra=tuple(args.set))
     ensure_partition(sets, args.data_root)
     rows = []
     for ranks in args.ranks_list:
@@ -667,7 +687,8 @@ def mode_weak(args: argparse.Namespace, ws: Workspace) -> list[dict[str, Any]]:
     for k in args.client_ranks:
         n = args.clients_per_rank * k
         epochs = args.local_epochs * k
-        sets = overrides(n, scheme="iid", rounds=args.rounds, local_epochs=epochs)
+        sets = overrides(n, scheme="iid", rounds=args.rounds, local_epochs=epochs,
+                         extra=tuple(args.set))
         ensure_partition(sets, args.data_root)
         rec = timed_run(ws, f"weak{k}", k + 1, sets, args)
         rows.append(scaling_row(rec, clients=n, local_epochs=epochs))
@@ -753,6 +774,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--also", action="append", default=[], metavar="KEY=VALUE",
                         help="efficiency: one more run per client count with this --set "
                              "(repeatable: all in that run), e.g. output.checkpoint=false")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="one more setting for every run of every mode (repeatable), "
+                             "e.g. 'client.device=\"cuda\"'")
+    parser.add_argument("--mpiexec-flag", action="append", default=[], metavar="FLAG",
+                        help="a flag for mpiexec (repeatable), e.g. --mpiexec-flag=--oversubscribe")
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="write every row here")
     parser.add_argument("--keep", action="store_true", help="keep the run folders")

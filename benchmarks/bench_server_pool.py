@@ -14,6 +14,7 @@ hand, not in the tests:
         --pool-size 5000 --epochs 1 --rounds 3 --weighting uniform
     OMP_NUM_THREADS=1 python benchmarks/bench_server_pool.py --decoders 10 1000 --profile
     OMP_NUM_THREADS=1 python benchmarks/bench_server_pool.py --kernels
+    OMP_NUM_THREADS=1 python benchmarks/bench_server_pool.py --device cuda --json pool.json
 
 It prints, per number of decoders, the registry's memory (``registry_bytes``), the time
 ``accept`` took for all of them, and the median sampling, training and total time per
@@ -24,6 +25,9 @@ old behaviour for contrast (``samples_per_client`` from every decoder). ``--prof
 adds, per row, the functions that took the most time in one more sampling round
 (cProfile, own time), e.g. how much of it the batched products (``torch.bmm``) are.
 ``--kernels`` times those products alone, layer by layer (see :func:`kernels`).
+``--device`` puts the server (its registry, pool and global VAE) on that device (default
+``cpu``); on a GPU each timing waits for the device to finish (``torch.cuda.synchronize``),
+and the CPU times are the host's only. ``--json`` also writes the rows to a file.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import json
 import pstats
 import statistics
 import sys
@@ -85,7 +90,8 @@ def measure(n: int, args: argparse.Namespace) -> dict[str, float]:
     cfg = load_config(preset="paper", overrides=[
         f"server.pool_size={args.pool_size}", f'server.pool_weighting="{args.weighting}"',
         f"server.epochs={args.epochs}", f"seed={args.seed}"])
-    server = ServerState(cfg, device=CPU)
+    device = torch.device(getattr(args, "device", "cpu"))
+    server = ServerState(cfg, device=device)
     accept_s = fill_registry(server, n, seed=args.seed)
     strategy = AlignFL(cfg)
     times: dict[str, list[float]] = {k: [] for k in ("sample", "train", "total", "sample_cpu",
@@ -94,10 +100,13 @@ def measure(n: int, args: argparse.Namespace) -> dict[str, float]:
     images, _ = server.sample_synthetic(round_=4)  # untimed: first-call costs, Adam's state
     strategy.train_global(server, images, round_=4)
     for r in range(5, 5 + args.rounds):
+        synchronize(device)
         w0, c0 = time.perf_counter(), time.process_time()
         images, _ = server.sample_synthetic(round_=r)
+        synchronize(device)
         w1, c1 = time.perf_counter(), time.process_time()
         strategy.train_global(server, images, round_=r)
+        synchronize(device)
         w2, c2 = time.perf_counter(), time.process_time()
         for key, value in (("sample", w1 - w0), ("train", w2 - w1), ("total", w2 - w0),
                            ("sample_cpu", c1 - c0), ("train_cpu", c2 - c1),
@@ -115,6 +124,12 @@ def measure(n: int, args: argparse.Namespace) -> dict[str, float]:
         print("\n".join(line for line in out.getvalue().splitlines()
                         if line.strip() and not line.startswith(("   Ordered", "   List"))))
     return row
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so a timing covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def kernels() -> None:
@@ -162,7 +177,7 @@ def best_cpu(fn: Callable[[], object], repeat: int = 3) -> float:
     return best
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--decoders", type=int, nargs="+", default=[10, 100, 1000])
     p.add_argument("--pool-size", type=int, default=5000)
@@ -174,13 +189,25 @@ def main() -> int:
                    help="print a cProfile of one more sampling round per row")
     p.add_argument("--kernels", action="store_true",
                    help="time the decoder's batched products alone (see kernels()), then stop")
-    args = p.parse_args()
+    p.add_argument("--device", default="cpu",
+                   help="the server's device: cpu (default), cuda or cuda:N")
+    p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = p.parse_args(argv)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device!r}: not a device; use cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"--device {args.device!r}: use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
     if args.kernels:
         kernels()
         return 0
     print(f"paper preset, server.pool_size={args.pool_size}, pool_weighting={args.weighting}, "
           f"server.epochs={args.epochs}, median of {args.rounds} rounds, "
-          f"torch threads {torch.get_num_threads()}")
+          f"torch threads {torch.get_num_threads()}"
+          + ("" if device.type == "cpu" else f", device {device}"))
     print("wall: seconds on the clock; cpu: seconds of this process's CPU time (what a shared "
           "machine's load does not inflate); ratio: to the first row")
     print(f"{'decoders':>8} {'registry MB':>12} {'accept s':>9} {'pool':>6} | {'sample':>7} "
@@ -189,14 +216,21 @@ def main() -> int:
     print(f"{'':>8} {'':>12} {'':>9} {'':>6} | {'wall s':>7} {'wall s':>7} {'wall s':>7} "
           f"{'wall':>6} | {'cpu s':>7} {'cpu s':>7} {'cpu s':>7} {'cpu':>6}")
     base: dict[str, float] = {}
+    rows = []
     for n in args.decoders:
         row = measure(n, args)
+        rows.append(row)
         base = base or row
         print(f"{n:>8} {row['registry_bytes'] / 1e6:>12.1f} {row['accept_s']:>9.1f} "
               f"{int(row['pool']):>6} | {row['sample']:>7.3f} {row['train']:>7.3f} "
               f"{row['total']:>7.3f} {row['total'] / base['total']:>6.2f} | "
               f"{row['sample_cpu']:>7.3f} {row['train_cpu']:>7.3f} {row['total_cpu']:>7.3f} "
               f"{row['total_cpu'] / base['total_cpu']:>6.2f}", flush=True)
+        if args.json:  # after every row, so a run stopped early still leaves its rows
+            args.json.write_text(json.dumps(
+                {"device": str(device), "pool_size": args.pool_size,
+                 "weighting": args.weighting, "epochs": args.epochs, "rounds": args.rounds,
+                 "torch": torch.__version__, "rows": rows}, indent=1))
     return 0
 
 
