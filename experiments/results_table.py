@@ -14,8 +14,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from alignfl_mpi.results import load  # noqa: E402
 
 RUNS = ["align-fl", "align-fl-cond", "align-fl-dp10", "align-fl-lip1", "fedavg", "fedprox",
-        "reference/centralized", "reference/fedavg-classifier"]
+        "fedadam", "moon", "reference/centralized-vae", "reference/centralized",
+        "reference/fedavg-classifier"]
 COLUMNS = [("latent_accuracy", "latent acc", 3), ("latent_f1", "latent F1", 3),
+           ("recon_error", "recon", 1),
            ("global_fid_lenet", "FID-LeNet global", 0), ("pool_fid_lenet", "FID-LeNet pool", 0),
            ("global_class_coverage", "class cov. global", 1),
            ("pool_class_coverage", "class cov. pool", 1), ("pool_coverage", "coverage pool", 2),
