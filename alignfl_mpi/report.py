@@ -45,7 +45,7 @@ import torch
 from .arrays import arrays_to_state
 from .errors import AlignFLError, ConfigError, SchemaError
 from .evaluation import encode_latents, save_image_grid
-from .models import VAE, ModelSpec, build_vae, decoder_from_state
+from .models import MODEL_REGISTRY, VAE, ModelSpec, build_vae, decoder_from_state
 from .prior import GaussianMixturePrior
 from .results import RESULTS_NAME, EpsilonSpent, Results, last_reported, load
 from .schema import OUTLIER_TEST, TEST, read_partition_info, read_split
@@ -581,6 +581,13 @@ def _timings(runs: Sequence[_Run], path: Path) -> Path:
     return _save(fig, path)
 
 
+def _is_classifier_run(run: _Run) -> bool:
+    """Whether the run's final model is a classifier (``alignfl-mpi reference``'s LeNets),
+    not a VAE: it has no decoders, samples or latents to draw."""
+    final = run.results.final_global()
+    return final is not None and final[0].get("arch") not in MODEL_REGISTRY
+
+
 def _load_vae(spec: dict[str, Any], state: dict[str, np.ndarray]) -> VAE:
     vae = build_vae(ModelSpec.from_dict(spec))
     vae.load_state_dict(arrays_to_state(state), strict=True)
@@ -919,6 +926,10 @@ def run_report(paths: Sequence[Path], *, out: Path, partition: Path | None = Non
     figure("Metrics per round", _curves, runs, out / "curves.png", notes)
     figure("Seconds per round and phase", _timings, runs, out / "timings.png")
     for run in runs:
+        if _is_classifier_run(run):
+            notes.append(f"{run.name}: a classifier reference (no VAE): no samples, synthetic "
+                         "or latent figures")
+            continue
         part = _partition_for(run.results, partition)
         figure(f"{run.name}: samples of the final client decoders (from their priors) and "
                "of the global VAE (from N(0, I))", _samples, run,

@@ -462,3 +462,18 @@ def test_privacy_utility_notes_unfinished_runs(tmp_path):
     md = (out / "report.md").read_text()
     assert "running is not finished (2 rounds recorded)" in md
     assert "done1 is not finished" not in md
+
+
+def test_a_classifier_reference_gets_tables_and_one_note_not_vae_figures(tmp_path):
+    from alignfl_mpi.reference import centralized
+    part = tiny_partition(tmp_path / "p.h5")
+    centralized(part, out=tmp_path / "centralized", epochs=1)
+    vae_run = write_run(tmp_path / "align-fl" / "results.h5", rounds=2)
+    out = tmp_path / "rep"
+    written = {p.name for p in run_report([tmp_path / "centralized", vae_run], out=out)}
+    assert "rounds_centralized.csv" in written and "samples_align-fl.png" in written
+    assert not any(n.startswith(("samples_centralized", "latent_centralized",
+                                 "synthetic_centralized")) for n in written)
+    notes = section((out / "report.md").read_text(), "Notes (skipped parts)")
+    assert "centralized: a classifier reference (no VAE)" in notes
+    assert "lenet" not in notes  # no 'unknown architecture' noise
