@@ -538,18 +538,34 @@ def _curves(runs: Sequence[_Run], path: Path, notes: list[str]) -> Path:
     if not panels:
         raise _Skip("curves.png skipped: no run has a completed round with metrics")
     fig, axes = _figure(len(panels), ncols=4 if len(panels) > 6 else 3)
+    styles = _run_styles(runs)
+    legend: dict[str, Any] = {}
     for ax, (table, key) in zip(axes, panels):
         for run in runs:
             values = _numeric(getattr(run.results, table).get(key))
             if values is not None:
-                ax.plot(run.results.rounds, values, marker="o", ms=3, label=run.name)
+                (line,) = ax.plot(run.results.rounds, values, marker="o", ms=3, label=run.name,
+                                  **styles[run.name])
+                legend.setdefault(run.name, line)
         ax.set_title(key if table == "eval" else "server loss")
         ax.grid(alpha=0.3)
         _integer_rounds(ax)
-    if len(runs) > 1:
-        handles, labels = axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(runs), 6))
+    if len(runs) > 1:  # every run that has a line in any panel, in the runs' order
+        names = [r.name for r in runs if r.name in legend]
+        fig.legend([legend[n] for n in names], names, loc="outside lower center",
+                   ncols=min(len(names), 6))
     return _save(fig, path)
+
+
+def _run_styles(runs: Sequence[_Run]) -> dict[str, dict[str, str]]:
+    """One colour (and, past ten runs, line style) per run, the same in every panel.
+
+    >>> runs = [_Run(f"r{i}", None) for i in range(12)]  # type: ignore[arg-type]
+    >>> s = _run_styles(runs); s["r0"], s["r10"]
+    ({'color': 'C0', 'linestyle': '-'}, {'color': 'C0', 'linestyle': '--'})
+    """
+    return {run.name: {"color": f"C{i % 10}", "linestyle": ("-", "--", ":", "-.")[i // 10 % 4]}
+            for i, run in enumerate(runs)}
 
 
 def _timings(runs: Sequence[_Run], path: Path) -> Path:

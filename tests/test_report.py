@@ -477,3 +477,26 @@ def test_a_classifier_reference_gets_tables_and_one_note_not_vae_figures(tmp_pat
     notes = section((out / "report.md").read_text(), "Notes (skipped parts)")
     assert "centralized: a classifier reference (no VAE)" in notes
     assert "lenet" not in notes  # no 'unknown architecture' noise
+
+
+def test_curves_keep_one_colour_per_run_and_list_every_run(tmp_path, monkeypatch):
+    from alignfl_mpi.reference import centralized
+    part = tiny_partition(tmp_path / "p.h5")
+    centralized(part, out=tmp_path / "centralized", epochs=2)  # task_accuracy only
+    vae_a = write_run(tmp_path / "a" / "results.h5", rounds=2)
+    vae_b = write_run(tmp_path / "b" / "results.h5", rounds=2)
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig) or path)
+    runs = [report._Run(n, load(p)) for n, p in
+            (("a", vae_a), ("b", vae_b), ("centralized", tmp_path / "centralized" / "results.h5"))]
+    report._curves(runs, tmp_path / "curves.png", [])
+    (fig,) = figures
+    colours: dict[str, set] = {}
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            colours.setdefault(line.get_label(), set()).add(line.get_color())
+    assert set(colours) == {"a", "b", "centralized"}
+    assert all(len(c) == 1 for c in colours.values()), colours  # the same in every panel
+    assert len({next(iter(c)) for c in colours.values()}) == 3  # and not shared
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["a", "b", "centralized"]
