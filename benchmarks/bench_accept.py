@@ -25,6 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_server_pool import random_prior  # noqa: E402  (this folder)
+
 from alignfl_mpi.config import load_config  # noqa: E402
 from alignfl_mpi.messages import (  # noqa: E402
     ClientUpdate,
@@ -44,14 +46,11 @@ def encoded_updates(n: int, *, seed: int = 0) -> tuple[list[bytes], ServerState,
     spec = model_spec(cfg.client.model)
     decoder = build_decoder(spec)
     rng = np.random.default_rng(seed)
-    k, d = cfg.client.prior_components, spec.latent_dim
     buffers = []
     for cid in range(n):
         state = {name: v.detach().numpy().copy() for name, v in decoder.state_dict().items()}
-        weights = rng.dirichlet(np.ones(k)).astype(np.float32)
-        prior = {"weights": weights / weights.sum(),
-                 "means": rng.normal(0, 1.5, (k, d)).astype(np.float32),
-                 "log_vars": rng.normal(-1, 0.3, (k, d)).astype(np.float32)}
+        prior = random_prior(rng, components=cfg.client.prior_components,
+                             latent_dim=spec.latent_dim)
         update = ClientUpdate(round=0, client_id=cid, spec=spec.to_dict(), state=state,
                               prior=prior, metrics={"n_samples": 600.0})
         buffers.append(bytes(encode_message(update.to_message())))
