@@ -2,7 +2,8 @@
 # Learning quality of ALIGN-FL's global VAE against its two bounds, in one go, on real data:
 # FedAvg of the same VAE (the baseline to beat) and the same VAE trained centrally on the
 # union of the clients' real in-domain images (the upper bound), every seed on the same
-# partition. Then a table (mean ± sd over the seeds) and the goals, PASS or FAIL:
+# partition. Then experiments/quality_table.py prints a table (mean ± sd over the seeds) and
+# the goals, PASS or FAIL, into OUT/summary.md, and draws them per round in OUT/quality.png:
 #
 #   1. latent accuracy of the global VAE closes >= 80% of the gap between FedAvg and the
 #      centralised VAE by round 10, and >= 70% by round 3:
@@ -72,56 +73,6 @@ for s in $SEEDS; do
   fi
 done
 
-python - "$OUT" "$ROUNDS" $SEEDS <<'PY' | tee "$OUT/summary.md"
-import sys
-import numpy as np
-from alignfl_mpi.results import load
-
-out, rounds, seeds = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-A = [load(f"{out}/align-fl-s{s}/results.h5") for s in seeds]
-F = [load(f"{out}/fedavg-s{s}/results.h5") for s in seeds]
-C = [load(f"{out}/central-s{s}/centralized-vae/results.h5") for s in seeds]
-
-def ms(values):
-    v = np.asarray(values, dtype=float)
-    return f"{v.mean():.4f} ± {v.std(ddof=1):.4f}" if len(v) > 1 else f"{v[0]:.4f}"
-
-acc_c = np.array([c.eval["latent_accuracy"][-1] for c in C])
-rec_c = np.array([c.eval["recon_error"][-1] for c in C])
-closure = {}
-print(f"seeds {', '.join(seeds)}; {rounds} rounds; mean ± sd over seeds\n")
-print("| round | ALIGN-FL latent acc | FedAvg latent acc | centralised VAE | gap closed | "
-      "ALIGN-FL recon | recon / centralised | min/max latent var (ALIGN-FL) |")
-print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-for r in range(rounds):
-    a = np.array([x.eval["latent_accuracy"][r] for x in A])
-    f = np.array([x.eval["latent_accuracy"][r] for x in F])
-    closure[r + 1] = (a - f) / (acc_c - f)
-    rec = np.array([x.eval["recon_error"][r] for x in A])
-    var = np.array([x.eval["latent_var_min_ratio"][r] for x in A])
-    print(f"| {r + 1} | {ms(a)} | {ms(f)} | {ms(acc_c)} | {ms(closure[r + 1])} | {ms(rec)} | "
-          f"{ms(rec / rec_c)} | {ms(var)} |")
-print(f"\ncentralised VAE (last epoch): latent acc {ms(acc_c)}, F1 "
-      f"{ms([c.eval['latent_f1'][-1] for c in C])}, recon {ms(rec_c)}, min/max latent var "
-      f"{ms([c.eval['latent_var_min_ratio'][-1] for c in C])}")
-print(f"FedAvg (last round): latent acc {ms([x.eval['latent_accuracy'][-1] for x in F])}, "
-      f"recon {ms([x.eval['recon_error'][-1] for x in F])}, min/max latent var "
-      f"{ms([x.eval['latent_var_min_ratio'][-1] for x in F])}\n")
-
-def verdict(ok):
-    return "PASS" if ok else "FAIL"
-
-last = rounds
-scaled = "" if rounds >= 10 else f" (scaled down: round {last} stands in for round 10)"
-goal10 = closure[min(10, last)].mean()
-print(f"- gap closed by round {min(10, last)} >= 80%: {goal10:.1%} -> {verdict(goal10 >= 0.8)}"
-      f"{scaled}")
-if last >= 3:
-    print(f"- gap closed by round 3 >= 70%: {closure[3].mean():.1%} -> "
-          f"{verdict(closure[3].mean() >= 0.7)}")
-ratio = np.mean([x.eval["recon_error"][-1] for x in A] / rec_c)
-print(f"- recon error <= 1.6 x centralised: {ratio:.2f} x -> {verdict(ratio <= 1.6)}")
-worst = min(float(np.min(x.eval["latent_var_min_ratio"])) for x in A)
-print(f"- no latent dim below 5% of the largest variance, any round and seed: worst "
-      f"{worst:.3f} -> {verdict(worst >= 0.05)}")
-PY
+# shellcheck disable=SC2086
+python "$(dirname "$0")/quality_table.py" "$OUT" --rounds "$ROUNDS" --seeds $SEEDS \
+  --figure "$OUT/quality.png" | tee "$OUT/summary.md"
