@@ -25,8 +25,11 @@
 # Knobs: SEEDS ("0 1 2"), ROUNDS (10), LOCAL_EPOCHS (10), PER_CLASS (6000; training images
 # per class of the class-pairs partition), VAE_EPOCHS (10; epochs of the centralised VAE),
 # PRESET (paper-dim8), NP (6 ranks), OUT (runs/quality), DATA_ROOT (--data-root), EXTRA
-# (more --set flags for every run, e.g. EXTRA='--set server.epochs=2'). Finished runs are
-# skipped and unfinished ones resumed, so a rerun continues.
+# (more --set flags for every run, e.g. EXTRA='--set server.epochs=2'), CLASSIFIER (0; 1 adds
+# per seed ALIGN-FL with conditional clients and the server's synthetic-only classifier, 2
+# classifier epochs a round, and the centralised LeNet, for a fifth goal: the classifier within
+# 0.04 of the centralised one). Finished runs are skipped and unfinished ones resumed, so a
+# rerun continues.
 set -euo pipefail
 SEEDS=${SEEDS:-0 1 2}
 ROUNDS=${ROUNDS:-10}
@@ -36,6 +39,7 @@ VAE_EPOCHS=${VAE_EPOCHS:-10}
 PRESET=${PRESET:-paper-dim8}
 NP=${NP:-6}
 OUT=${OUT:-runs/quality}
+CLASSIFIER=${CLASSIFIER:-0}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 common=(--preset "$PRESET" --rounds "$ROUNDS" --set "client.local_epochs=$LOCAL_EPOCHS"
         --set "data.scheme_params={per_class=$PER_CLASS}")
@@ -70,6 +74,18 @@ for s in $SEEDS; do
     /usr/bin/env time -f "central-s$s: %e s wall" \
       alignfl-mpi reference --what vae --partition "$partition" --out "$OUT/central-s$s" \
         --preset "$PRESET" --vae-epochs "$VAE_EPOCHS" --seed "$s" ${EXTRA:-}
+  fi
+  if [ "$CLASSIFIER" = 1 ]; then
+    run "align-fl-cond-s$s" --seed "$s" --set client.model.conditional=true \
+      --set server.classifier_epochs=2
+    if ! finished "$OUT/classifier-ref-s$s/centralized"; then
+      partition=$(python -c "from alignfl_mpi.results import load; print(load('$OUT/align-fl-cond-s$s/results.h5').attrs['partition'])")
+      rm -rf "$OUT/classifier-ref-s$s"
+      echo "== classifier-ref-s$s"
+      /usr/bin/env time -f "classifier-ref-s$s: %e s wall" \
+        alignfl-mpi reference --what classifiers --partition "$partition" \
+          --out "$OUT/classifier-ref-s$s" --seed "$s"
+    fi
   fi
 done
 

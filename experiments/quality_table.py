@@ -16,6 +16,13 @@ the per-round table (mean ± sd over the seeds) and the four goals, PASS or FAIL
    >= 5% of the largest (eval attribute ``latent_var_min_ratio``).
 
 With fewer than 10 rounds the last round stands in for round 10 (and says so).
+
+When the folder also holds ``align-fl-cond-s<seed>`` (conditional clients with the server's
+synthetic-only classifier, ``CLASSIFIER=1 quality.sh``) and ``classifier-ref-s<seed>/
+centralized`` (the centralised LeNet of ``alignfl-mpi reference --what classifiers``) for every
+seed, a second table gives the classifier's real-test accuracy per round and the fifth goal:
+
+5. by the last round, the synthetic-only classifier is within 0.04 of the centralised one.
 ``--figure`` draws latent accuracy, gap closed, reconstruction ratio and the smallest
 latent-variance ratio per round, mean ± sd over the seeds, one colour per folder.
 """
@@ -33,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from alignfl_mpi.results import Results, load  # noqa: E402
 
-GOAL_R10, GOAL_R3, GOAL_RECON, GOAL_VAR = 0.8, 0.7, 1.6, 0.05
+GOAL_R10, GOAL_R3, GOAL_RECON, GOAL_VAR, GOAL_CLASSIFIER = 0.8, 0.7, 1.6, 0.05, 0.04
 
 
 class QualityError(Exception):
@@ -119,6 +126,41 @@ def collect(folder: Path, seeds: list[str], rounds: int) -> Quality:
                    var_central=c[:, 2])
 
 
+@dataclass
+class Classifier:
+    """The synthetic-only classifier's real-test accuracy (seeds, rounds), the global VAE's
+    latent accuracy in the same runs, and the centralised LeNet's last epoch (seeds,)."""
+
+    seeds: list[str]
+    synthetic: np.ndarray
+    latent: np.ndarray
+    central: np.ndarray
+
+    @property
+    def shortfall(self) -> np.ndarray:
+        """Centralised minus synthetic-only accuracy, per seed and round."""
+        return self.central[:, None] - self.synthetic
+
+
+def collect_classifier(folder: Path, seeds: list[str], rounds: int) -> Classifier | None:
+    """The classifier runs of ``folder``, or None when it has none for any seed; raise
+    QualityError when only some seeds have them."""
+    runs = [folder / f"align-fl-cond-s{s}" / "results.h5" for s in seeds]
+    refs = [folder / f"classifier-ref-s{s}" / "centralized" / "results.h5" for s in seeds]
+    if not any(p.exists() for p in runs + refs):
+        return None
+    synthetic, latent, central = [], [], []
+    for run, ref in zip(runs, refs):
+        res = _load(run)
+        synthetic.append(_per_round(res, "task_accuracy", rounds, run))
+        latent.append(_per_round(res, "latent_accuracy", rounds, run))
+        res = _load(ref)
+        epochs = len(res.eval.get("task_accuracy", ()))
+        central.append(float(_per_round(res, "task_accuracy", max(epochs, 1), ref)[-1]))
+    return Classifier(seeds=list(seeds), synthetic=np.array(synthetic),
+                      latent=np.array(latent), central=np.array(central))
+
+
 def ms(values: np.ndarray | list[float]) -> str:
     """Mean ± sample sd, or the value alone for one seed.
 
@@ -157,6 +199,29 @@ def goals(q: Quality) -> list[Goal]:
     out.append(Goal(f"no latent dim below {GOAL_VAR:.0%} of the largest variance, any round "
                     "and seed", f"worst {worst:.3f}", worst >= GOAL_VAR))
     return out
+
+
+def classifier_goal(c: Classifier) -> Goal:
+    gap = float(c.shortfall[:, -1].mean())
+    return Goal(f"synthetic-only classifier within {GOAL_CLASSIFIER} of the centralised one "
+                f"by round {c.synthetic.shape[1]}",
+                f"{gap:.3f} below ({ms(c.synthetic[:, -1])} against {ms(c.central)})",
+                gap <= GOAL_CLASSIFIER)
+
+
+def classifier_markdown(c: Classifier) -> str:
+    """Per round: the classifier's accuracy, its shortfall and the global VAE's latent
+    accuracy (mean ± sd over seeds); then the centralised LeNet and the goal."""
+    lines = [f"synthetic-only classifier (conditional clients), seeds {', '.join(c.seeds)}; "
+             "mean ± sd over seeds", "",
+             "| round | classifier acc (real test) | below centralised | global VAE latent acc |",
+             "| --- | --- | --- | --- |"]
+    for r in range(c.synthetic.shape[1]):
+        lines.append(f"| {r + 1} | {ms(c.synthetic[:, r])} | {ms(c.shortfall[:, r])} | "
+                     f"{ms(c.latent[:, r])} |")
+    lines += ["", f"centralised LeNet (last epoch): {ms(c.central)}", "",
+              classifier_goal(c).line()]
+    return "\n".join(lines)
 
 
 def markdown(q: Quality) -> str:
@@ -249,13 +314,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         qualities = [collect(f, args.seeds, args.rounds) for f in args.folders]
+        classifiers = [collect_classifier(f, args.seeds, args.rounds) for f in args.folders]
     except QualityError as e:
         print(f"quality_table: {e}", file=sys.stderr)
         return 2
-    for q, label in zip(qualities, labels):
+    for q, c, label in zip(qualities, classifiers, labels):
         if len(qualities) > 1:
             print(f"## {label} ({q.folder})\n")
         print(markdown(q) + "\n")
+        if c is not None:
+            print(classifier_markdown(c) + "\n")
     if args.figure:
         args.figure.parent.mkdir(parents=True, exist_ok=True)
         print(f"figure: {figure(qualities, labels, args.figure)}")

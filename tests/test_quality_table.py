@@ -33,17 +33,35 @@ def qt():
         sys.modules.pop("quality_table", None)
 
 
-def write_run(path: Path, acc, recon, var, *, f1=None) -> None:
+def write_run(path: Path, acc, recon=None, var=None, *, f1=None, task=None) -> None:
     """A finished results file whose round n has the n-th value of each list."""
     path.parent.mkdir(parents=True, exist_ok=True)
     w = ResultsWriter(path, config_json=json.dumps({"rounds": len(acc)}),
                       attrs={"partition": "p.h5"})
-    for r, (a, e, v) in enumerate(zip(acc, recon, var)):
-        w.write_round(r, clients={}, server={"loss": 1.0},
-                      evaluation={"latent_accuracy": a, "latent_f1": a if f1 is None else f1,
-                                  "recon_error": e, "latent_var_min_ratio": v},
+    for r, a in enumerate(acc):
+        evaluation = {"latent_accuracy": a, "latent_f1": a if f1 is None else f1}
+        if recon is not None:
+            evaluation.update(recon_error=recon[r], latent_var_min_ratio=var[r])
+        if task is not None:
+            evaluation["task_accuracy"] = task[r]
+        w.write_round(r, clients={}, server={"loss": 1.0}, evaluation=evaluation,
                       timings={"round": 1.0})
     w.write_final(global_state={}, global_spec={}, decoders={})
+
+
+def add_classifier(out: Path, seeds=(0, 1), rounds=10, *, final_shortfall=0.03):
+    """Classifier runs ending ``final_shortfall`` (+ seed/100) below a centralised LeNet
+    whose last epoch is 0.99 (its first 0.9)."""
+    for s in seeds:
+        task = list(np.linspace(0.5, 0.99 - final_shortfall - s / 100, rounds))
+        write_run(out / f"align-fl-cond-s{s}" / "results.h5", [0.8] * rounds, task=task)
+        ref = out / f"classifier-ref-s{s}" / "centralized" / "results.h5"
+        ref.parent.mkdir(parents=True)
+        w = ResultsWriter(ref, config_json="{}", attrs={"partition": "p.h5"})
+        for r, acc in enumerate([0.9, 0.99]):
+            w.write_round(r, clients={}, server={}, evaluation={"task_accuracy": acc},
+                          timings={})
+        w.write_final(global_state={}, global_spec={}, decoders={})
 
 
 def make_folder(out: Path, seeds=(0, 1), rounds=10, *, final_gap=0.8, var_floor=0.2):
@@ -146,3 +164,43 @@ def test_quality_sh_skips_finished_runs_and_writes_summary_and_figure(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert "seeds 0, 1; 10 rounds" in summary and "-> PASS" in summary
     assert (tmp_path / "quality.png").stat().st_size > 10_000
+
+
+def test_classifier_table_and_goal(qt, tmp_path):
+    make_folder(tmp_path)
+    assert qt.collect_classifier(tmp_path, ["0", "1"], 10) is None  # none: no section
+    add_classifier(tmp_path, final_shortfall=0.03)
+    c = qt.collect_classifier(tmp_path, ["0", "1"], 10)
+    np.testing.assert_allclose(c.central, [0.99, 0.99])  # the last epoch
+    np.testing.assert_allclose(c.shortfall[:, -1], [0.03, 0.04])
+    goal = qt.classifier_goal(c)
+    assert goal.met and goal.value.startswith("0.035 below")
+    text = qt.classifier_markdown(c)
+    assert text.count("\n| ") == 12 and "centralised LeNet (last epoch): 0.9900 ± 0.0000" in text
+
+
+def test_classifier_goal_fails_past_004(qt, tmp_path):
+    make_folder(tmp_path)
+    add_classifier(tmp_path, final_shortfall=0.04)  # 0.04 and 0.05: mean 0.045
+    assert not qt.classifier_goal(qt.collect_classifier(tmp_path, ["0", "1"], 10)).met
+
+
+def test_classifier_runs_for_some_seeds_only_is_an_error(qt, tmp_path, capsys):
+    make_folder(tmp_path)
+    add_classifier(tmp_path, seeds=(0,))
+    assert qt.main([str(tmp_path), "--seeds", "0", "1"]) == 2
+    assert "align-fl-cond-s1/results.h5 is missing" in capsys.readouterr().err
+
+
+def test_quality_sh_classifier_knob_skips_finished_runs_and_adds_the_goal(tmp_path):
+    make_folder(tmp_path, seeds=(0,))
+    add_classifier(tmp_path, seeds=(0,))
+    env = dict(os.environ, OUT=str(tmp_path), SEEDS="0", CLASSIFIER="1",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.run(["bash", str(EXPERIMENTS / "quality.sh")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "== align-fl-cond-s0: finished, skipped" in proc.stdout
+    assert "== classifier-ref-s0" not in proc.stdout  # finished: not trained again
+    assert "synthetic-only classifier within 0.04 of the centralised one by round 10: " \
+           "0.030 below" in (tmp_path / "summary.md").read_text()
