@@ -51,6 +51,10 @@ finished() {  # exit 0 when $1/results.h5 holds a finished run
   python -c "import sys; from alignfl_mpi.results import load; sys.exit(0 if load('$1/results.h5').finished else 1)" 2>/dev/null
 }
 
+partition_of() {  # the partition file of the run in folder $1
+  python -c "from alignfl_mpi.results import load; print(load('$1/results.h5').attrs['partition'])"
+}
+
 run() {
   local name=$1; shift
   local resume=()
@@ -67,7 +71,7 @@ for s in $SEEDS; do
   run "align-fl-s$s" --seed "$s"
   run "fedavg-s$s" --seed "$s" --set 'strategy="fedavg"'
   if ! finished "$OUT/central-s$s/centralized-vae"; then
-    partition=$(python -c "from alignfl_mpi.results import load; print(load('$OUT/align-fl-s$s/results.h5').attrs['partition'])")
+    partition=$(partition_of "$OUT/align-fl-s$s")
     rm -rf "$OUT/central-s$s"
     echo "== central-s$s"
     # shellcheck disable=SC2206
@@ -79,7 +83,7 @@ for s in $SEEDS; do
     run "align-fl-cond-s$s" --seed "$s" --set client.model.conditional=true \
       --set server.classifier_epochs=2
     if ! finished "$OUT/classifier-ref-s$s/centralized"; then
-      partition=$(python -c "from alignfl_mpi.results import load; print(load('$OUT/align-fl-cond-s$s/results.h5').attrs['partition'])")
+      partition=$(partition_of "$OUT/align-fl-cond-s$s")
       rm -rf "$OUT/classifier-ref-s$s"
       echo "== classifier-ref-s$s"
       /usr/bin/env time -f "classifier-ref-s$s: %e s wall" \

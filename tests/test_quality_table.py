@@ -204,3 +204,27 @@ def test_quality_sh_classifier_knob_skips_finished_runs_and_adds_the_goal(tmp_pa
     assert "== classifier-ref-s0" not in proc.stdout  # finished: not trained again
     assert "synthetic-only classifier within 0.04 of the centralised one by round 10: " \
            "0.030 below" in (tmp_path / "summary.md").read_text()
+
+
+def test_quality_sh_trains_a_missing_reference_on_the_runs_partition(tmp_path):
+    """A missing centralised LeNet is trained on the partition the run recorded (a stub
+    ``alignfl-mpi`` on PATH logs its arguments instead)."""
+    out = tmp_path / "out"
+    make_folder(out, seeds=(0,))
+    add_classifier(out, seeds=(0,))
+    shutil.rmtree(out / "classifier-ref-s0")
+    stub = tmp_path / "bin" / "alignfl-mpi"
+    stub.parent.mkdir()
+    stub.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "calls"}\n')
+    stub.chmod(0o755)
+    env = dict(os.environ, OUT=str(out), SEEDS="0", CLASSIFIER="1",
+               PATH=f"{stub.parent}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}"
+                    f"{os.environ['PATH']}")
+    proc = subprocess.run(["bash", str(EXPERIMENTS / "quality.sh")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert "== classifier-ref-s0" in proc.stdout
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls == [f"reference --what classifiers --partition p.h5 --out "
+                     f"{out}/classifier-ref-s0 --seed 0"]
+    assert proc.returncode != 0  # the stub trained nothing, so the summary cannot be made
+    assert "classifier-ref-s0/centralized/results.h5 is missing" in proc.stderr
