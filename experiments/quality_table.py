@@ -224,6 +224,20 @@ def classifier_markdown(c: Classifier) -> str:
     return "\n".join(lines)
 
 
+def per_seed_markdown(q: Quality) -> str:
+    """One row per seed: the goals' measures, and the round of the worst latent dimension."""
+    r10 = min(10, q.rounds)
+    lines = [f"| seed | gap closed by round 3 | by round {r10} | recon / centralised | "
+             "worst min/max latent var (round) |", "| --- | --- | --- | --- | --- |"]
+    for i, seed in enumerate(q.seeds):
+        r3 = f"{q.closure[i, 2]:.1%}" if q.rounds >= 3 else "—"
+        worst = int(np.argmin(q.var_alignfl[i]))
+        lines.append(f"| {seed} | {r3} | {q.closure[i, r10 - 1]:.1%} | "
+                     f"{q.recon_ratio[i, -1]:.2f} | {q.var_alignfl[i, worst]:.3f} "
+                     f"({worst + 1}) |")
+    return "\n".join(lines)
+
+
 def markdown(q: Quality) -> str:
     """The table, the two bounds' lines and the goals, as quality.sh prints them."""
     lines = [f"seeds {', '.join(q.seeds)}; {q.rounds} rounds; mean ± sd over seeds", "",
@@ -242,6 +256,8 @@ def markdown(q: Quality) -> str:
               f"FedAvg (last round): latent acc {ms(q.acc_fedavg[:, -1])}, recon "
               f"{ms(q.recon_fedavg[:, -1])}, min/max latent var {ms(q.var_fedavg[:, -1])}", ""]
     lines += [g.line() for g in goals(q)]
+    if len(q.seeds) > 1:
+        lines += ["", "per seed:", "", per_seed_markdown(q)]
     return "\n".join(lines)
 
 

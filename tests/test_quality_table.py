@@ -105,6 +105,13 @@ def test_goals_fail_just_below_their_thresholds(qt, tmp_path):
                    "no latent dim below 5% of the largest variance, any round and seed": False}
 
 
+def test_per_seed_rows(qt, tmp_path):
+    make_folder(tmp_path, final_gap=0.8)
+    text = qt.markdown(qt.collect(tmp_path, ["0", "1"], 10))
+    assert "| 0 | 72.0% | 80.0% | 1.05 | 0.200 (1) |" in text
+    assert "| 1 | 72.0% | 81.0% | 1.05 | 0.200 (1) |" in text
+
+
 def test_markdown_table_rows_and_scaled_down_note(qt, tmp_path):
     make_folder(tmp_path, seeds=(0,), rounds=4)
     text = qt.markdown(qt.collect(tmp_path, ["0"], 4))
