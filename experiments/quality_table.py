@@ -38,6 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from alignfl_mpi.errors import AlignFLError  # noqa: E402
 from alignfl_mpi.results import Results, load  # noqa: E402
 
 GOAL_R10, GOAL_R3, GOAL_RECON, GOAL_VAR, GOAL_CLASSIFIER = 0.8, 0.7, 1.6, 0.05, 0.04
@@ -84,7 +85,10 @@ def _load(path: Path) -> Results:
     if not path.is_file():
         raise QualityError(f"{path} is missing: run experiments/quality.sh with this OUT and "
                            "these SEEDS first")
-    return load(path)
+    try:
+        return load(path)
+    except AlignFLError as e:  # not HDF5, or not a results file
+        raise QualityError(f"{e}; rerun that run (delete its folder first)") from None
 
 
 def _per_round(res: Results, key: str, rounds: int, path: Path) -> np.ndarray:

@@ -130,6 +130,15 @@ def test_cli_missing_run_is_one_line_and_exit_2(qt, tmp_path, capsys):
     assert "align-fl-s1/results.h5 is missing" in err and "quality.sh" in err
 
 
+def test_cli_corrupt_results_file_is_one_line_and_exit_2(qt, tmp_path, capsys):
+    make_folder(tmp_path, seeds=(0,))
+    (tmp_path / "fedavg-s0" / "results.h5").write_bytes(b"not hdf5")
+    assert qt.main([str(tmp_path), "--seeds", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "fedavg-s0/results.h5" in err and "not a readable HDF5 file" in err
+
+
 def test_cli_too_few_rounds_names_the_run(qt, tmp_path, capsys):
     make_folder(tmp_path, seeds=(0,), rounds=3)
     assert qt.main([str(tmp_path), "--seeds", "0", "--rounds", "10"]) == 2
