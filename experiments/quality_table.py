@@ -39,7 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from alignfl_mpi.errors import AlignFLError  # noqa: E402
-from alignfl_mpi.results import Results, load  # noqa: E402
+from alignfl_mpi.results import Results, last_reported, load  # noqa: E402
 
 GOAL_R10, GOAL_R3, GOAL_RECON, GOAL_VAR, GOAL_CLASSIFIER = 0.8, 0.7, 1.6, 0.05, 0.04
 
@@ -100,6 +100,15 @@ def _per_round(res: Results, key: str, rounds: int, path: Path) -> np.ndarray:
     return np.asarray(values[:rounds], dtype=float)
 
 
+def _last(res: Results, key: str, path: Path) -> float:
+    """The last recorded ``key`` of a reference run (its last epoch)."""
+    value = last_reported(res.eval.get(key))
+    if value is None:
+        raise QualityError(f"{path} has no {key!r}: rerun that reference (delete its folder "
+                           "first)")
+    return float(value)
+
+
 def collect(folder: Path, seeds: list[str], rounds: int) -> Quality:
     """Read the runs of ``folder`` for ``seeds``; raise QualityError if any is missing."""
     if not seeds:
@@ -114,10 +123,7 @@ def collect(folder: Path, seeds: list[str], rounds: int) -> Quality:
             rows.append([_per_round(res, k, rounds, path) for k in keys])
         path = folder / f"central-s{s}" / "centralized-vae" / "results.h5"
         res = _load(path)
-        epochs = len(res.eval.get("latent_accuracy", ()))
-        # its last epoch (each epoch is a "round" of that file)
-        central.append([float(_per_round(res, k, max(epochs, 1), path)[-1])
-                        for k in (*keys, "latent_f1")])
+        central.append([_last(res, k, path) for k in (*keys, "latent_f1")])
     a = np.array(fed["align-fl"])  # (seeds, keys, rounds)
     f = np.array(fed["fedavg"])
     c = np.array(central)          # (seeds, keys + f1)
@@ -158,9 +164,7 @@ def collect_classifier(folder: Path, seeds: list[str], rounds: int) -> Classifie
         res = _load(run)
         synthetic.append(_per_round(res, "task_accuracy", rounds, run))
         latent.append(_per_round(res, "latent_accuracy", rounds, run))
-        res = _load(ref)
-        epochs = len(res.eval.get("task_accuracy", ()))
-        central.append(float(_per_round(res, "task_accuracy", max(epochs, 1), ref)[-1]))
+        central.append(_last(_load(ref), "task_accuracy", ref))
     return Classifier(seeds=list(seeds), synthetic=np.array(synthetic),
                       latent=np.array(latent), central=np.array(central))
 
