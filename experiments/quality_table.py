@@ -71,6 +71,11 @@ class Quality:
         return self.acc_alignfl.shape[1]
 
     @property
+    def goal_round(self) -> int:
+        """The round of the first goal: 10, or the last round of a scaled-down run."""
+        return min(10, self.rounds)
+
+    @property
     def closure(self) -> np.ndarray:
         """Gap closed per seed and round (see the module docstring)."""
         return ((self.acc_alignfl - self.acc_fedavg)
@@ -191,8 +196,7 @@ class Goal:
 
 def goals(q: Quality) -> list[Goal]:
     """The goals, each with its measured value (means over seeds)."""
-    last = q.rounds
-    r10 = min(10, last)
+    last, r10 = q.rounds, q.goal_round
     scaled = "" if last >= 10 else f" (scaled down: round {last} stands in for round 10)"
     out = [Goal(f"gap closed by round {r10} >= {GOAL_R10:.0%}{scaled}",
                 f"{q.closure[:, r10 - 1].mean():.1%}",
@@ -234,7 +238,7 @@ def classifier_markdown(c: Classifier) -> str:
 
 def per_seed_markdown(q: Quality) -> str:
     """One row per seed: the goals' measures, and the round of the worst latent dimension."""
-    r10 = min(10, q.rounds)
+    r10 = q.goal_round
     lines = [f"| seed | gap closed by round 3 | by round {r10} | recon / centralised | "
              "worst min/max latent var (round) |", "| --- | --- | --- | --- | --- |"]
     for i, seed in enumerate(q.seeds):
